@@ -1,0 +1,24 @@
+"""flowspec: train flow maps (consistency models) from declarative TOML specs.
+
+Public API::
+
+    spec = load_spec("specs/checkerboard-lsd.toml", overrides=["train.steps=100"])
+    graph = compile_spec(spec)
+    results = train(graph, run_dir)
+    x = sample(graph.sampler(), x0, steps=2)
+"""
+
+from flowspec.compile import TrainingGraph, compile_spec
+from flowspec.flowmap import FlowMap
+from flowspec.spec import load_spec
+from flowspec.train import train
+
+__version__ = "0.1.0"
+
+
+def sample(flow_map: FlowMap, x0, steps: int):
+    """K-step samples X_{t_{K-1},1} o ... o X_{0,t_1}(x0) on the uniform grid (see FlowMap.sample)."""
+    return flow_map.sample(x0, steps)
+
+
+__all__ = ["FlowMap", "TrainingGraph", "compile_spec", "load_spec", "sample", "train"]

@@ -1,0 +1,200 @@
+"""The ``flowspec`` command line: run, validate, explain, sample, plugins, schema."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flowspec.errors import UserError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="Train flow maps (consistency models) from TOML specs.")
+out = Console()
+err = Console(stderr=True)
+
+SetOption = typer.Option(None, "--set", help="override a spec value: section.key=value (repeatable)")
+
+
+def _load(spec: Path, overrides: Optional[List[str]]):
+    from flowspec.spec import load_spec
+
+    return load_spec(spec, overrides or [])
+
+
+@app.command()
+def run(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
+        set_: Optional[List[str]] = SetOption,
+        runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="parent of new run folders"),
+        out_dir: Optional[Path] = typer.Option(None, "--out", help="exact run folder to create"),
+        force: bool = typer.Option(False, "--force", help="overwrite an existing run folder")) -> None:
+    """Train, evaluate and write a run folder."""
+    from flowspec.compile import compile_spec
+    from flowspec.train import make_run_dir, train
+
+    s = _load(spec, set_)
+    graph = compile_spec(s)
+    run_dir = make_run_dir(s.name, runs_dir, out_dir, force)
+    err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir}")
+    train(graph, run_dir, err)
+    out.print(str(run_dir))
+
+
+@app.command()
+def validate(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
+             set_: Optional[List[str]] = SetOption,
+             show: bool = typer.Option(False, "--show", help="print the resolved spec")) -> None:
+    """Check a spec; print every mistake, one line each."""
+    from flowspec.spec import to_toml
+
+    s = _load(spec, set_)
+    if show:
+        out.print(to_toml(s), markup=False, highlight=False)
+    else:
+        out.print(f"{spec}: ok")
+
+
+def method_name(objective) -> str:
+    o = objective.options
+    names = {("lagrangian", "self"): "LSD", ("lagrangian", "teacher"): "LMD",
+             ("eulerian", "self"): "ESD", ("eulerian", "teacher"): "EMD",
+             ("eulerian", "conditional"): "MeanFlow (Eulerian consistency training)",
+             ("progressive", "teacher"): "PD", ("flow_matching", "self"): "flow matching"}
+    if objective.characterization == "progressive" and o.target == "self":
+        return "PSD-M" if o.gamma == "half" else "PSD-U"
+    return names.get((objective.characterization, o.target), f"{objective.characterization} ({o.target})")
+
+
+def step_cost(objective, batch: int, c: float = 1.5) -> float:
+    """MATH.md's cost model: ((1 - eta) c_D + eta) B forward passes, C = cost of a jvp."""
+    eta = objective.options.diagonal_fraction
+    c_d = eval(str(objective.cost), {"__builtins__": {}}, {"C": c})
+    return ((1 - eta) * c_d + eta) * batch
+
+
+def describe(graph) -> str:
+    return (f"{method_name(graph.objective)}, {graph.parameter_count():,} parameters, "
+            f"device {graph.device}")
+
+
+@app.command()
+def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
+            set_: Optional[List[str]] = SetOption) -> None:
+    """Describe the compiled training graph in words."""
+    from flowspec.compile import compile_spec
+
+    s = _load(spec, set_)
+    g = compile_spec(s)
+    obj = g.objective
+    o = obj.options
+    doc = (sys.modules[type(obj).__module__].__doc__ or "").strip().split("\n\n")
+    lines = [
+        f"[bold]{s.name}[/]: {method_name(obj)}",
+        f"  characterization  {obj.characterization}; target {o.target}; diagonal fraction eta = {o.diagonal_fraction}",
+        f"  data              {s.data.kind}, shape {tuple(g.dataset.shape)}",
+        f"  interpolant       {s.interpolant.kind}; base x0 ~ N(0, c^2 I), c = {s.interpolant.base_scale}"
+        + (f" = {[round(v, 4) for v in g.base.scale.flatten().tolist()]}" if s.interpolant.base_scale == "data_std" else ""),
+        f"  network           {s.network.kind}: {g.parameter_count():,} parameters; X = x + (t - s) v(s, t, x)",
+        f"  device            {g.device}",
+        f"  optimizer         {s.train.optimizer}, lr {s.train.lr} ({s.train.schedule}), clip {s.train.grad_clip}, "
+        f"EMA {s.train.ema}, {s.train.steps} steps of batch {s.train.batch_size}",
+        f"  cost per step     ((1 - eta) c_D + eta) B with c_D = {obj.cost}, C = 1.5: "
+        f"~{step_cost(obj, s.train.batch_size):,.0f} forward passes "
+        f"({step_cost(obj, s.train.batch_size) / s.train.batch_size:.2f} x flow matching)",
+        f"  evaluation        K in {s.eval.steps}, {s.eval.num_samples} samples, metrics {', '.join(s.eval.metrics)}",
+    ]
+    if len(doc) > 1:
+        lines += ["", "  " + doc[1].replace("\n", "\n  ")]
+    out.print("\n".join(lines), highlight=False)
+
+
+@app.command()
+def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
+           steps: int = typer.Option(1, "--steps", min=1, help="flow-map steps K"),
+           n: int = typer.Option(10_000, "--n", min=1, help="number of samples"),
+           out_file: Path = typer.Option(..., "--out", help="output .npy file: float32 (N, D)"),
+           seed: int = typer.Option(0, "--seed", help="seed of the base samples"),
+           device: str = typer.Option("auto", "--device", help="auto | cpu | cuda")) -> None:
+    """Draw samples from a run's EMA flow map."""
+    import numpy as np
+
+    from flowspec import checkpoint
+    from flowspec.compile import compile_spec
+    from flowspec.evaluate import base_samples
+    from flowspec.evaluate import sample as draw
+    from flowspec.spec import load_spec
+
+    spec_path = run_dir / "spec.toml"
+    if not spec_path.exists():
+        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
+    s = load_spec(spec_path, [f"train.device={device}", "eval.metrics=[]"])
+    g = compile_spec(s)
+    path = checkpoint.latest(run_dir)
+    checkpoint.load_module(g.ema.model, checkpoint.load_tensors(path), "ema", path)
+    x = draw(g.sampler(), base_samples(g, n, seed), steps)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out_file, x.reshape(n, -1).numpy())
+    out.print(f"{out_file}: {n} samples, {steps} step{'s' if steps > 1 else ''}, from {path.name}")
+
+
+@app.command()
+def plugins() -> None:
+    """List registered components with their distribution (and the error of any that fails)."""
+    from flowspec.registry import GROUPS, default_registry
+
+    reg = default_registry()
+    table = Table(title="flowspec components")
+    for col in ("group", "name", "distribution", "version", "status"):
+        table.add_column(col)
+    for group in GROUPS:
+        for name, c in reg.components(group).items():
+            table.add_row(group, name, c.distribution, c.version,
+                          "ok" if c.error is None else f"[red]{c.error}[/]")
+    out.print(table)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON schema of the spec (for editors)."""
+    from flowspec.spec import spec_model
+
+    print(json.dumps(spec_model().model_json_schema(), indent=1))
+
+
+def main() -> None:
+    """Entry point: user errors are one line each, with no traceback unless FLOWSPEC_DEBUG=1."""
+    debug = os.environ.get("FLOWSPEC_DEBUG", "") not in ("", "0")
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        if debug:
+            raise
+        for line in exc.lines:
+            err.print(line, markup=False, highlight=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        if debug:
+            raise
+        err.print(f"flowspec: internal error: {type(exc).__name__}: {exc} "
+                  "(set FLOWSPEC_DEBUG=1 for the traceback)", markup=False, highlight=False)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

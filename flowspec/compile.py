@@ -1,0 +1,168 @@
+"""Spec -> TrainingGraph: the only place names become objects (DESIGN.md, "Data flow").
+
+Compiling resolves every component through the registry, checks cross-field facts, seeds and
+builds the network, and returns plain PyTorch objects. Compiling twice gives the same graph;
+compiling never trains.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from flowspec.data.base import Dataset
+from flowspec.errors import UserError
+from flowspec.flowmap import FlowMap
+from flowspec.interpolants import GaussianBase, Interpolant
+from flowspec.objectives.base import Batch, LossOutput, Objective
+from flowspec.registry import Registry, default_registry
+from flowspec.teachers import SelfTeacher, Teacher
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: 'cuda' requested but no CUDA device is available (valid: auto, cpu)")
+    return torch.device(name)
+
+
+def lr_factor(spec_train, step: int) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
+    o = spec_train
+    k = step + 1
+    warm = min(1.0, k / o.warmup_steps) if o.warmup_steps else 1.0
+    if o.schedule == "cosine":
+        decay = 0.5 * (1 + math.cos(math.pi * min(step, o.steps) / o.steps))
+    elif o.schedule == "sqrt":
+        decay = 1 / math.sqrt(max(1.0, k / o.decay_start))
+    else:
+        decay = 1.0
+    return warm * decay
+
+
+class EMA:
+    """Exponential moving average of a module's parameters and buffers, warmed up:
+    decay_k = min(ema, (1 + k) / (10 + k)), so a short run's average is not the random init."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for e, p in zip(self.model.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.model.buffers(), model.buffers()):
+            e.copy_(b)
+
+
+@dataclass
+class TrainingGraph:
+    """Everything a run needs, as objects. ``step()`` performs one optimizer step."""
+
+    spec: BaseModel
+    dataset: Dataset
+    interpolant: Interpolant
+    base: GaussianBase
+    model: FlowMap
+    ema: EMA
+    objective: Objective
+    teacher: Teacher
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    metrics: dict[str, Any]
+    device: torch.device
+    data_generator: torch.Generator
+    step_count: int = 0
+    last_grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+
+    def batch(self, n: int) -> Batch:
+        """x1 from the data stream (its own generator), x0 from the base (global RNG), on device."""
+        x1 = self.dataset.sample(n, self.data_generator).to(self.device)
+        x0 = self.base.sample(n, tuple(x1.shape[1:]), device=self.device, dtype=x1.dtype)
+        return Batch(x0=x0, x1=x1)
+
+    def step(self) -> LossOutput:
+        """One optimizer step: loss, backward, clip, update, schedule, EMA."""
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self.objective(self.model, self.interpolant, self.teacher,
+                             self.batch(self.spec.train.batch_size))
+        out.loss.backward()
+        clip = self.spec.train.grad_clip
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.model)
+        self.step_count += 1
+        return out
+
+    def sampler(self) -> FlowMap:
+        """The weights used for sampling and evaluation: the EMA."""
+        return self.ema.model
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+def build(registry: Registry, group: str, options: BaseModel, *args) -> Any:
+    cls = registry.get(group, getattr(options, "characterization", None) or options.kind)
+    base_fields = set(cls.Options.model_fields)
+    return cls(cls.Options(**options.model_dump(include=base_fields)), *args)
+
+
+def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingGraph:
+    """Build the TrainingGraph of a validated spec (see :func:`flowspec.spec.load_spec`)."""
+    registry = registry or default_registry()
+    o = spec.train
+    device = resolve_device(o.device)
+    torch.manual_seed(o.seed)
+
+    dataset: Dataset = build(registry, "datasets", spec.data)
+    interpolant: Interpolant = build(registry, "interpolants", spec.interpolant)
+    objective: Objective = build(registry, "objectives", spec.objective)
+    if objective.options.target not in objective.targets:
+        raise UserError(f"objective.target: {objective.characterization} does not support "
+                        f"{objective.options.target!r} (valid: {', '.join(objective.targets)})")
+    if objective.options.target == "teacher":
+        raise UserError("objective.target: 'teacher' needs a [teacher] section, which this version "
+                        "does not read yet (valid now: self, conditional)")
+
+    scale = spec.interpolant.base_scale
+    c = dataset.std() if scale == "data_std" else torch.tensor(float(scale))
+    base = GaussianBase(c.to(device))
+
+    net = build(registry, "networks", spec.network, tuple(dataset.shape))
+    model = FlowMap(net).to(device)
+    ema = EMA(model, o.ema)
+    teacher = SelfTeacher(ema.model if objective.options.ema_target else model)
+
+    opt_cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[o.optimizer]
+    optimizer = opt_cls(model.parameters(), lr=o.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(o, k))
+
+    metrics = {}
+    probe = dataset.sample(16, torch.Generator().manual_seed(0))
+    for name in spec.eval.metrics:
+        metric = registry.get("metrics", name)()
+        try:
+            metric(probe, dataset, torch.Generator().manual_seed(0))
+        except ValueError as exc:  # MetricUnavailable
+            raise UserError(f"eval.metrics: {exc}") from None
+        metrics[name] = metric
+
+    data_generator = torch.Generator().manual_seed(o.seed + 1)
+    return TrainingGraph(spec=spec, dataset=dataset, interpolant=interpolant, base=base,
+                         model=model, ema=ema, objective=objective, teacher=teacher,
+                         optimizer=optimizer, scheduler=scheduler, metrics=metrics,
+                         device=device, data_generator=data_generator)

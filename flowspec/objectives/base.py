@@ -1,0 +1,151 @@
+"""The Objective base class (MATH.md, "Losses" and "Sampling of (s, t)").
+
+Every objective is flow matching on the diagonal samples plus one distillation residual r on the
+off-diagonal samples:
+
+    loss = ( sum_{diagonal} |v_{t,t}(I_t) - dI_t/dt|^2 + sum_{off-diagonal} |r|^2 ) / B
+
+A fraction ``diagonal_fraction`` (eta) of each batch lies on the diagonal s = t, t ~ U[0, 1]; the rest
+is uniform on the upper triangle s < t (two uniforms, s = min, t = max). A subclass implements
+:meth:`Objective.residual`; that is the whole of a new objective.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from flowspec.flowmap import FlowMap
+from flowspec.interpolants import Interpolant
+from flowspec.jvp import Strategy
+from flowspec.teachers import Teacher
+
+Target = Literal["self", "teacher", "conditional"]
+
+
+class ObjectiveOptions(BaseModel):
+    """Options shared by every objective; subclasses add their own fields."""
+
+    model_config = ConfigDict(extra="forbid")
+    target: Target = Field(
+        "self",
+        description="distillation target b-hat: self (the model's own diagonal), teacher, "
+        "or conditional (the Monte-Carlo tangent dI_s/ds)",
+    )
+    diagonal_fraction: float = Field(
+        0.75, ge=0.0, le=1.0, description="eta: fraction of each batch on the diagonal s = t"
+    )
+    ema_target: bool = Field(
+        False, description="self target from the EMA weights instead of the current ones"
+    )
+    jvp: Strategy = Field("exact", description="forward-mode derivative: exact | finite_difference")
+
+
+@dataclass
+class Batch:
+    """One training batch: base samples x0 and data samples x1, both (B, ...)."""
+
+    x0: torch.Tensor
+    x1: torch.Tensor
+
+
+@dataclass
+class LossOutput:
+    """Scalar loss and detached per-term means for logging (tensors: no device sync per step)."""
+
+    loss: torch.Tensor
+    logs: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def squared_norm(r: torch.Tensor) -> torch.Tensor:
+    """|r|^2 per sample: (B, ...) -> (B,), summed over all non-batch dimensions."""
+    return r.pow(2).flatten(1).sum(1)
+
+
+class Objective:
+    """Base class of every loss. Constructed as ``Objective(options)``.
+
+    Class attributes a subclass sets:
+        characterization: the name a spec uses (``[objective] characterization = ...``).
+        targets: the distillation targets it supports.
+        cost: forward passes per off-diagonal sample, by MATH.md's cost model (C = jvp cost).
+    """
+
+    Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
+    characterization: ClassVar[str] = ""
+    targets: ClassVar[tuple[str, ...]] = ("self",)
+    cost: ClassVar[str] = "1"
+
+    def __init__(self, options: ObjectiveOptions | None = None):
+        self.options = options if options is not None else self.Options()
+
+    # -- the hook a subclass implements ---------------------------------------------------------
+    def residual(self, flow_map: FlowMap, teacher: Teacher, s: torch.Tensor, t: torch.Tensor,
+                 x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+        """The distillation residual r on off-diagonal samples.
+
+        Args:
+            flow_map: the model.
+            teacher: the distillation target (stop-gradient is the teacher's job).
+            s, t: times, (B,), s < t.
+            x: the interpolant sample I_s, (B, ...).
+            dx: its time derivative dI_s/ds, (B, ...) (the "conditional" target).
+        Returns:
+            r, shaped like x; the loss adds |r|^2.
+        """
+        raise NotImplementedError
+
+    # -- shared machinery -----------------------------------------------------------------------
+    def target_velocity(self, teacher: Teacher, t: torch.Tensor, x: torch.Tensor,
+                        dx: torch.Tensor | None = None) -> torch.Tensor:
+        """b-hat_t(x) under stop-gradient: the teacher's velocity, or dx for target = conditional."""
+        if self.options.target == "conditional":
+            if dx is None:
+                raise ValueError(f"{self.characterization}: conditional target needs dI/dt")
+            return dx.detach()
+        with torch.no_grad():
+            return teacher.velocity(t, x.detach())
+
+    def sample_times(self, n: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(s, t, n_diag): the first n_diag = round(eta n) pairs have s = t ~ U[0,1]; the rest are
+        uniform on the upper triangle s < t."""
+        n_diag = int(round(self.options.diagonal_fraction * n))
+        t_diag = torch.rand(n_diag, device=device, dtype=dtype)
+        pair = torch.rand(n - n_diag, 2, device=device, dtype=dtype)
+        s = torch.cat([t_diag, pair.min(dim=1).values])
+        t = torch.cat([t_diag, pair.max(dim=1).values])
+        return s, t, n_diag
+
+    def __call__(self, flow_map: FlowMap, interpolant: Interpolant, teacher: Teacher,
+                 batch: Batch) -> LossOutput:
+        """The batch loss of MATH.md: (sum of diagonal terms + sum of off-diagonal terms) / B."""
+        x0, x1 = batch.x0, batch.x1
+        n = x0.shape[0]
+        s, t, n_diag = self.sample_times(n, x0.device, x0.dtype)
+        return self.loss_at(flow_map, interpolant, teacher, batch, s, t, n_diag)
+
+    def loss_at(self, flow_map: FlowMap, interpolant: Interpolant, teacher: Teacher, batch: Batch,
+                s: torch.Tensor, t: torch.Tensor, n_diag: int) -> LossOutput:
+        """The loss at given times (the first n_diag pairs diagonal); separated for exact tests."""
+        x0, x1 = batch.x0, batch.x1
+        n = x0.shape[0]
+        logs: dict[str, torch.Tensor] = {}
+        total = x0.new_zeros(())
+        if n_diag > 0:
+            td = t[:n_diag]
+            it, dit = interpolant.interpolate(td, x0[:n_diag], x1[:n_diag])
+            per = squared_norm(flow_map.velocity(td, it) - dit)
+            total = total + per.sum()
+            logs["diagonal"] = per.detach().mean()
+        if n_diag < n:
+            so, to = s[n_diag:], t[n_diag:]
+            xs, dxs = interpolant.interpolate(so, x0[n_diag:], x1[n_diag:])
+            per = squared_norm(self.residual(flow_map, teacher, so, to, xs, dxs))
+            total = total + per.sum()
+            logs["distill"] = per.detach().mean()
+        loss = total / n
+        logs["loss"] = loss.detach()
+        return LossOutput(loss=loss, logs=logs)

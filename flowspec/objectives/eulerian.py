@@ -1,0 +1,46 @@
+"""Eulerian distillation (ESD with target = self, EMD with a teacher, MeanFlow with conditional).
+
+Characterization: d/ds X_{s,t}(x) + grad_x X_{s,t}(x) b_s(x) = 0. With x = I_s (MATH.md, "Losses"),
+
+    r = d/ds X_{s,t}(I_s) + sg(grad_x X_{s,t}(I_s) b-hat_s(I_s))
+
+stop_gradient = "full" (the paper's default): the gradient flows only through d/ds X; the advective
+term is a forward-mode jvp in x taken without a graph. stop_gradient = "none": one augmented jvp
+over (s, x) with tangent (1, b-hat_s), the gradient through both terms (b-hat itself is always
+stop-gradiented). Cost: 1 + C forward passes ("none"), plus one graph-free jvp ("full").
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from flowspec.jvp import jvp
+from flowspec.objectives.base import Objective, ObjectiveOptions
+
+
+class EulerianOptions(ObjectiveOptions):
+    stop_gradient: Literal["full", "none"] = Field(
+        "full", description="full: gradient only through d/ds X; none: through the whole residual"
+    )
+
+
+class Eulerian(Objective):
+    Options = EulerianOptions
+    characterization = "eulerian"
+    targets = ("self", "teacher", "conditional")
+    cost = "1 + C"
+
+    def residual(self, flow_map, teacher, s, t, x, dx):
+        b = self.target_velocity(teacher, s, x, dx)
+        ones = torch.ones_like(s)
+        strategy = self.options.jvp
+        if self.options.stop_gradient == "none":
+            _, total = jvp(lambda ss, xx: flow_map(ss, t, xx), (s, x), (ones, b), strategy=strategy)
+            return total
+        _, dX_ds = jvp(lambda ss: flow_map(ss, t, x), (s,), (ones,), strategy=strategy)
+        with torch.no_grad():
+            _, advection = jvp(lambda xx: flow_map(s, t, xx), (x,), (b,), strategy=strategy)
+        return dX_ds + advection

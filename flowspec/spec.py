@@ -1,0 +1,254 @@
+"""The spec: a TOML file validated by pydantic v2 (DESIGN.md, "Data flow").
+
+Component sections (``[data]``, ``[interpolant]``, ``[network]``, ``[objective]``) are discriminated
+unions over the registered components, on ``kind`` (``characterization`` for the objective); each
+component's options are its own pydantic model, so a plugin's options are validated and documented
+exactly like the built-ins'. ``[train]`` and ``[eval]`` are fixed. Every default lives in these
+models and shows in the resolved spec written to the run folder. Every mistake is reported at once,
+one line each: ``FILE: dotted.key: what is wrong (what would be valid)``.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, Mapping, Sequence, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from flowspec.errors import UserError
+from flowspec.registry import Registry, default_registry, discriminator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+#: spec section -> registry group, for the component sections
+COMPONENT_SECTIONS = {"data": "datasets", "interpolant": "interpolants",
+                      "network": "networks", "objective": "objectives"}
+DEFAULT_KINDS = {"interpolant": "linear", "network": "mlp"}
+
+
+class TrainOptions(BaseModel):
+    """``[train]``: the optimization."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int = Field(2000, ge=1, description="optimizer steps")
+    batch_size: int = Field(1024, ge=1, description="samples per step (B)")
+    optimizer: Literal["adam", "radam"] = "radam"
+    lr: float = Field(1e-3, gt=0, description="peak learning rate")
+    schedule: Literal["constant", "cosine", "sqrt"] = Field(
+        "constant", description="constant; cosine to 0 over the run; sqrt: lr / sqrt(max(1, step / decay_start))"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr")
+    decay_start: int = Field(1000, ge=1, description="sqrt schedule: step where the decay begins")
+    grad_clip: float = Field(10.0, ge=0, description="max global gradient norm; 0 disables clipping")
+    ema: float = Field(0.999, ge=0, lt=1, description="EMA decay (warmed up: min(ema, (1+k)/(10+k))); 0 disables")
+    seed: int = Field(0, description="seeds weights, data and times: a CPU run is reproducible bit for bit")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
+    checkpoint_every: int = Field(1000, ge=0, description="steps between checkpoints (0: at the end only)")
+    log_every: int = Field(50, ge=1, description="steps between lines of metrics.jsonl")
+
+
+class EvalOptions(BaseModel):
+    """``[eval]``: few-step quality of the EMA flow map."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: list[Annotated[int, Field(ge=1)]] = Field(
+        [1, 2, 4, 8, 16], min_length=1, description="numbers of flow-map steps K to evaluate"
+    )
+    num_samples: int = Field(64_000, ge=1, description="samples per K")
+    metrics: list[str] = Field(["kl", "energy"], description="registered metric names")
+    every: int = Field(0, ge=0, description="steps between evaluations during training (0: at the end only)")
+    seed: int = Field(1234, description="seed of the base samples shared by every K")
+    plot: bool = Field(True, description="write samples/steps-K.png")
+
+
+def component_model(registry: Registry, group: str, name: str) -> type[BaseModel]:
+    """The spec model of one component: its Options plus the literal discriminator field."""
+    cls = registry.get(group, name)
+    key = discriminator(group)
+    return create_model(f"{cls.__name__}Spec", __base__=cls.Options,
+                        **{key: (Literal[name], Field(name, description=f"{group[:-1]} name"))})
+
+
+def _section_type(registry: Registry, group: str) -> Any:
+    models = [component_model(registry, group, n) for n in registry.names(group)]
+    if len(models) == 1:
+        return models[0]
+    return Annotated[Union[tuple(models)], Field(discriminator=discriminator(group))]
+
+
+@lru_cache(maxsize=4)
+def spec_model(registry: Registry | None = None) -> type[BaseModel]:
+    """The Spec model for the components in ``registry`` (default: the process-wide one)."""
+    registry = registry or default_registry()
+    fields: dict[str, Any] = {"name": (str, Field("run", description="run name (default: the spec file's stem)"))}
+    for section, group in COMPONENT_SECTIONS.items():
+        kind = DEFAULT_KINDS.get(section)
+        typ = _section_type(registry, group)
+        if kind is None:
+            fields[section] = (typ, ...)
+        else:
+            model = component_model(registry, group, kind)
+            fields[section] = (typ, Field(default_factory=model))
+    metric_names = tuple(registry.names("metrics"))
+    eval_model = create_model("EvalSpec", __base__=EvalOptions,
+                              metrics=(list[Literal[metric_names]], Field(["kl", "energy"],
+                                       description="registered metric names")))
+    fields["train"] = (TrainOptions, Field(default_factory=TrainOptions))
+    fields["eval"] = (eval_model, Field(default_factory=eval_model))
+    return create_model("Spec", __config__=ConfigDict(extra="forbid"), **fields)
+
+
+# -- loading ----------------------------------------------------------------------------------------
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """``a.b=c`` strings -> (["a", "b"], value); the value is read as TOML, else kept as text."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
+            raise UserError(f"--set {item}: expected section.key=value (e.g. train.steps=100)")
+        try:
+            value = tomllib.loads(f"v = {raw.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw.strip()
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
+    for path, value in parse_overrides(overrides):
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {'.'.join(path)}: {part} is not a table")
+        node[path[-1]] = value
+    return data
+
+
+def read_toml(path: str | Path) -> dict:
+    """Parse a TOML file; errors are one line with the file, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read: {exc}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"{path}: TOML syntax error: {exc}") from None
+
+
+def validate(data: Mapping[str, Any], source: str = "<spec>", registry: Registry | None = None) -> BaseModel:
+    """Validate a spec dict; all errors at once as a UserError of one-line messages."""
+    model = spec_model(registry)
+    try:
+        return model.model_validate(dict(data))
+    except ValidationError as exc:
+        raise UserError(format_errors(exc, data, source, registry or default_registry())) from None
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = (), registry: Registry | None = None) -> BaseModel:
+    """Read, override (``--set``) and validate a spec file. The run name defaults to the file stem."""
+    data = apply_overrides(read_toml(path), overrides)
+    data.setdefault("name", Path(path).stem)
+    return validate(data, str(path), registry)
+
+
+# -- error messages ---------------------------------------------------------------------------------
+
+def _valid_keys(loc: tuple, data: Mapping[str, Any], registry: Registry) -> list[str]:
+    """The keys allowed in the table at ``loc`` (for 'unknown key' messages)."""
+    model = spec_model(registry)
+    if len(loc) == 0:
+        return list(model.model_fields)
+    section = loc[0]
+    if section in COMPONENT_SECTIONS and len(loc) == 1:
+        group = COMPONENT_SECTIONS[section]
+        raw = data.get(section, {})
+        name = raw.get(discriminator(group), DEFAULT_KINDS.get(section)) if isinstance(raw, dict) else None
+        try:
+            return list(component_model(registry, group, name).model_fields)
+        except UserError:
+            return []
+    if section in ("train", "eval") and len(loc) == 1:
+        return list(model.model_fields[section].annotation.model_fields)
+    return []
+
+
+def _describe(err: dict) -> str:
+    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
+    if kind == "missing":
+        return "missing (required)"
+    if kind == "literal_error":
+        valid = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
+        return f"{got!r} is not valid (valid: {valid})"
+    if kind == "union_tag_invalid":
+        valid = ctx.get("expected_tags", "").replace("'", "")
+        return f"unknown name {ctx.get('tag')!r} (known: {valid})"
+    if kind == "union_tag_not_found":
+        return f"missing {ctx.get('discriminator', '')} (the component's name)"
+    msg = err["msg"]
+    msg = msg[0].lower() + msg[1:]
+    msg = msg.replace("input should be", "must be")
+    return f"{msg} (got {got!r})" if not isinstance(got, (dict, list)) else msg
+
+
+def format_errors(exc: ValidationError, data: Mapping[str, Any], source: str, registry: Registry) -> list[str]:
+    """pydantic errors -> ``source: dotted.key: message`` lines (union tags removed from keys)."""
+    lines: list[str] = []
+    for err in exc.errors(include_url=False):
+        loc = list(err["loc"])
+        if loc and loc[0] in COMPONENT_SECTIONS and len(loc) > 1 and err["type"] != "union_tag_invalid":
+            raw = data.get(loc[0])
+            if isinstance(raw, dict) and raw.get(discriminator(COMPONENT_SECTIONS[loc[0]])) == loc[1]:
+                del loc[1]  # pydantic puts the union tag in the location
+            elif not isinstance(raw, dict) and loc[1] == DEFAULT_KINDS.get(loc[0]):
+                del loc[1]
+        if err["type"] == "union_tag_invalid":
+            loc.append(discriminator(COMPONENT_SECTIONS[loc[0]]))
+        if err["type"] == "union_tag_not_found":
+            loc.append(discriminator(COMPONENT_SECTIONS[loc[0]]))
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            valid = _valid_keys(tuple(loc[:-1]), data, registry)
+            text = "unknown key" + (f" (valid: {', '.join(valid)})" if valid else "")
+        else:
+            text = _describe(err)
+        line = f"{source}: {key}: {text}"
+        if line not in lines:
+            lines.append(line)
+    return lines
+
+
+# -- writing the resolved spec ----------------------------------------------------------------------
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(spec: BaseModel) -> str:
+    """The resolved spec (every default filled in) as TOML that reads back to the same spec."""
+    data = spec.model_dump(mode="json", exclude_none=True)
+    head = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    parts = ["\n".join(head)] if head else []
+    for k, v in data.items():
+        if isinstance(v, dict):
+            body = "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
+            parts.append(f"[{k}]\n{body}")
+    return "\n\n".join(parts) + "\n"
