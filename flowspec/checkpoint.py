@@ -79,10 +79,8 @@ def save(graph, run_dir: Path) -> Path:
     tensors.update({f"ema.{k}": v for k, v in graph.ema.model.state_dict().items()})
     opt_tensors, opt_meta = _split_optimizer(graph.optimizer.state_dict())
     tensors.update(opt_tensors)
-    tensors["rng.torch"] = torch.get_rng_state()
     tensors["rng.data"] = graph.data_generator.get_state()
-    if torch.cuda.is_available() and graph.device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(graph.device)
+    tensors["rng.train"] = graph.generator.get_state()
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     weights = ckpt_dir / f"{stem}.safetensors"
     atomic_write(weights, lambda p: save_file(tensors, str(p)))

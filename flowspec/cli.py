@@ -14,7 +14,7 @@ from rich.table import Table
 
 from flowspec.errors import UserError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False,
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train flow maps (consistency models) from TOML specs.")
 out = Console()
 err = Console(stderr=True)
@@ -160,39 +160,32 @@ def plugins() -> None:
 
 
 @app.command()
-def schema() -> None:
+def schema(markdown: bool = typer.Option(False, "--markdown", help="the spec reference (docs/spec.md) instead")) -> None:
     """Print the JSON schema of the spec (for editors)."""
-    from flowspec.spec import spec_model
+    from flowspec.spec import reference, spec_model
 
-    print(json.dumps(spec_model().model_json_schema(), indent=1))
+    print(reference() if markdown else json.dumps(spec_model().model_json_schema(), indent=1), end="")
 
 
 def main() -> None:
     """Entry point: user errors are one line each, with no traceback unless FLOWSPEC_DEBUG=1."""
     debug = os.environ.get("FLOWSPEC_DEBUG", "") not in ("", "0")
     try:
-        app(standalone_mode=False)
+        app()
     except UserError as exc:
         if debug:
             raise
         for line in exc.lines:
-            err.print(line, markup=False, highlight=False)
+            print(line, file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        err.print("interrupted", markup=False)
+        print("flowspec: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
         if debug:
             raise
-        err.print(f"flowspec: internal error: {type(exc).__name__}: {exc} "
-                  "(set FLOWSPEC_DEBUG=1 for the traceback)", markup=False, highlight=False)
+        print(f"flowspec: internal error: {type(exc).__name__}: {exc} "
+              "(set FLOWSPEC_DEBUG=1 for the traceback)", file=sys.stderr)
         sys.exit(1)
 
 

@@ -82,14 +82,17 @@ class TrainingGraph:
     metrics: dict[str, Any]
     device: torch.device
     data_generator: torch.Generator
+    generator: torch.Generator
     step_count: int = 0
     last_grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
 
     def batch(self, n: int) -> Batch:
-        """x1 from the data stream (its own generator), x0 from the base (global RNG), on device."""
+        """x1 from the data stream (CPU generator), x0 from the base (device generator), on device.
+        The graph owns both generators: two graphs never share random numbers."""
         x1 = self.dataset.sample(n, self.data_generator).to(self.device)
-        x0 = self.base.sample(n, tuple(x1.shape[1:]), device=self.device, dtype=x1.dtype)
-        return Batch(x0=x0, x1=x1)
+        x0 = self.base.sample(n, tuple(x1.shape[1:]), device=self.device, dtype=x1.dtype,
+                              generator=self.generator)
+        return Batch(x0=x0, x1=x1, generator=self.generator)
 
     def step(self) -> LossOutput:
         """One optimizer step: loss, backward, clip, update, schedule, EMA."""
@@ -130,10 +133,10 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
 
     dataset: Dataset = build(registry, "datasets", spec.data)
     interpolant: Interpolant = build(registry, "interpolants", spec.interpolant)
-    objective: Objective = build(registry, "objectives", spec.objective)
-    if objective.options.target not in objective.targets:
-        raise UserError(f"objective.target: {objective.characterization} does not support "
-                        f"{objective.options.target!r} (valid: {', '.join(objective.targets)})")
+    try:
+        objective: Objective = build(registry, "objectives", spec.objective)
+    except ValueError as exc:
+        raise UserError(f"objective.target: {exc}") from None
     if objective.options.target == "teacher":
         raise UserError("objective.target: 'teacher' needs a [teacher] section, which this version "
                         "does not read yet (valid now: self, conditional)")
@@ -161,8 +164,8 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
             raise UserError(f"eval.metrics: {exc}") from None
         metrics[name] = metric
 
-    data_generator = torch.Generator().manual_seed(o.seed + 1)
     return TrainingGraph(spec=spec, dataset=dataset, interpolant=interpolant, base=base,
                          model=model, ema=ema, objective=objective, teacher=teacher,
-                         optimizer=optimizer, scheduler=scheduler, metrics=metrics,
-                         device=device, data_generator=data_generator)
+                         optimizer=optimizer, scheduler=scheduler, metrics=metrics, device=device,
+                         data_generator=torch.Generator().manual_seed(o.seed + 1),
+                         generator=torch.Generator(device).manual_seed(o.seed + 2))

@@ -46,10 +46,12 @@ class ObjectiveOptions(BaseModel):
 
 @dataclass
 class Batch:
-    """One training batch: base samples x0 and data samples x1, both (B, ...)."""
+    """One training batch: base samples x0 and data samples x1, both (B, ...), and the generator
+    an objective draws its times from (None: torch's global RNG)."""
 
     x0: torch.Tensor
     x1: torch.Tensor
+    generator: torch.Generator | None = None
 
 
 @dataclass
@@ -81,6 +83,11 @@ class Objective:
 
     def __init__(self, options: ObjectiveOptions | None = None):
         self.options = options if options is not None else self.Options()
+        if self.options.target not in self.targets:
+            raise ValueError(f"{self.characterization} does not support target "
+                             f"{self.options.target!r} (valid: {', '.join(self.targets)})")
+        #: the current batch's generator, for residuals that draw random numbers
+        self.generator: torch.Generator | None = None
 
     # -- the hook a subclass implements ---------------------------------------------------------
     def residual(self, flow_map: FlowMap, teacher: Teacher, s: torch.Tensor, t: torch.Tensor,
@@ -109,12 +116,13 @@ class Objective:
         with torch.no_grad():
             return teacher.velocity(t, x.detach())
 
-    def sample_times(self, n: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def sample_times(self, n: int, device, dtype, generator: torch.Generator | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(s, t, n_diag): the first n_diag = round(eta n) pairs have s = t ~ U[0,1]; the rest are
         uniform on the upper triangle s < t."""
         n_diag = int(round(self.options.diagonal_fraction * n))
-        t_diag = torch.rand(n_diag, device=device, dtype=dtype)
-        pair = torch.rand(n - n_diag, 2, device=device, dtype=dtype)
+        t_diag = torch.rand(n_diag, device=device, dtype=dtype, generator=generator)
+        pair = torch.rand(n - n_diag, 2, device=device, dtype=dtype, generator=generator)
         s = torch.cat([t_diag, pair.min(dim=1).values])
         t = torch.cat([t_diag, pair.max(dim=1).values])
         return s, t, n_diag
@@ -124,7 +132,7 @@ class Objective:
         """The batch loss of MATH.md: (sum of diagonal terms + sum of off-diagonal terms) / B."""
         x0, x1 = batch.x0, batch.x1
         n = x0.shape[0]
-        s, t, n_diag = self.sample_times(n, x0.device, x0.dtype)
+        s, t, n_diag = self.sample_times(n, x0.device, x0.dtype, batch.generator)
         return self.loss_at(flow_map, interpolant, teacher, batch, s, t, n_diag)
 
     def loss_at(self, flow_map: FlowMap, interpolant: Interpolant, teacher: Teacher, batch: Batch,
@@ -143,6 +151,7 @@ class Objective:
         if n_diag < n:
             so, to = s[n_diag:], t[n_diag:]
             xs, dxs = interpolant.interpolate(so, x0[n_diag:], x1[n_diag:])
+            self.generator = batch.generator
             per = squared_norm(self.residual(flow_map, teacher, so, to, xs, dxs))
             total = total + per.sum()
             logs["distill"] = per.detach().mean()

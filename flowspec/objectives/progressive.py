@@ -36,7 +36,7 @@ class Progressive(Objective):
         """gamma, shape (B,)."""
         if self.options.gamma == "half":
             return torch.full_like(s, 0.5)
-        return torch.rand_like(s)
+        return torch.rand(s.shape, device=s.device, dtype=s.dtype, generator=self.generator)
 
     def residual(self, flow_map, teacher, s, t, x, dx):
         gamma = self.split(s)

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny spec that trains in about a second on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY = """
+name = "tiny"
+
+[data]
+kind = "checkerboard"
+
+[interpolant]
+kind = "linear"
+base_scale = "data_std"
+
+[network]
+kind = "mlp"
+width = 32
+depth = 2
+
+[objective]
+characterization = "{characterization}"
+
+[train]
+steps = 6
+batch_size = 64
+log_every = 2
+checkpoint_every = 3
+seed = 7
+device = "cpu"
+
+[eval]
+steps = [1, 2]
+num_samples = 400
+"""
+
+
+@pytest.fixture
+def tiny_spec(tmp_path: Path):
+    """Write a tiny spec for a characterization and return its path."""
+
+    def make(characterization: str = "lagrangian", extra: str = "") -> Path:
+        path = tmp_path / f"tiny-{characterization}.toml"
+        text = TINY.format(characterization=characterization)
+        path.write_text(text.replace("[train]", extra + "\n[train]") if extra else text)
+        return path
+
+    return make

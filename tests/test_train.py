@@ -1,0 +1,103 @@
+"""The training loop: reproducibility, EMA warm-up, schedules, checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from flowspec import checkpoint
+from flowspec.compile import EMA, compile_spec, lr_factor
+from flowspec.errors import UserError
+from flowspec.spec import TrainOptions, load_spec
+from flowspec.train import train
+
+
+def weights(graph):
+    return {k: v.clone() for k, v in graph.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("characterization", ["lagrangian", "eulerian", "progressive", "flow_matching"])
+def test_cpu_runs_are_bit_reproducible(tiny_spec, characterization):
+    spec = load_spec(tiny_spec(characterization))
+    a, b = compile_spec(spec), compile_spec(spec)
+    assert all(torch.equal(x, y) for x, y in zip(weights(a).values(), weights(b).values()))
+    for _ in range(4):
+        la, lb = a.step(), b.step()
+        assert torch.equal(la.loss, lb.loss)
+    assert all(torch.equal(x, y) for x, y in zip(weights(a).values(), weights(b).values()))
+    c = compile_spec(load_spec(tiny_spec(characterization), ["train.seed=8"]))
+    c.step()
+    assert not all(torch.equal(x, y) for x, y in zip(weights(a).values(), weights(c).values()))
+
+
+def test_training_reduces_the_loss(tiny_spec):
+    g = compile_spec(load_spec(tiny_spec("lagrangian"), ["train.batch_size=256"]))
+    first = sum(g.step().loss.item() for _ in range(5)) / 5
+    for _ in range(60):
+        g.step()
+    last = sum(g.step().loss.item() for _ in range(5)) / 5
+    assert last < 0.9 * first  # toward the flow-matching floor (the conditional variance)
+
+
+def test_ema_warms_up():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = EMA(model, 0.999)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # decay min(0.999, 2/11): the average moves most of the way
+    assert ema.model.weight.item() == pytest.approx(1 - 2 / 11)
+    assert EMA(model, 0.0).decay == 0.0
+
+
+def test_lr_schedules():
+    const = TrainOptions(steps=100)
+    assert lr_factor(const, 0) == lr_factor(const, 99) == 1.0
+    warm = TrainOptions(steps=100, warmup_steps=10)
+    assert lr_factor(warm, 0) == pytest.approx(0.1) and lr_factor(warm, 9) == 1.0
+    cos = TrainOptions(steps=100, schedule="cosine")
+    assert lr_factor(cos, 0) == 1.0 and lr_factor(cos, 50) == pytest.approx(0.5) and lr_factor(cos, 100) == pytest.approx(0)
+    sq = TrainOptions(steps=100, schedule="sqrt", decay_start=10)
+    assert lr_factor(sq, 8) == 1.0 and lr_factor(sq, 39) == pytest.approx(0.5)
+
+
+def test_checkpoint_round_trip_and_corruption(tiny_spec, tmp_path):
+    g = compile_spec(load_spec(tiny_spec()))
+    for _ in range(3):
+        g.step()
+    path = checkpoint.save(g, tmp_path)
+    assert checkpoint.latest(tmp_path) == path
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert meta["step"] == 3 and len(meta["sha256"]) == 64
+    fresh = compile_spec(load_spec(tiny_spec(), ["train.seed=99"]))
+    checkpoint.load_module(fresh.ema.model, checkpoint.load_tensors(path), "ema", path)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.ema.model.state_dict().values(),
+                                                   g.ema.model.state_dict().values()))
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError, match="checksum mismatch"):
+        checkpoint.load_tensors(path)
+    assert not list(tmp_path.rglob(".*.safetensors.*"))  # no temporary files left behind
+
+
+def test_checkpoint_mismatch_names_parameters(tiny_spec, tmp_path):
+    g = compile_spec(load_spec(tiny_spec()))
+    path = checkpoint.save(g, tmp_path)
+    wide = compile_spec(load_spec(tiny_spec(), ["network.width=16"]))
+    with pytest.raises(UserError, match=r"wrong shape: .*net\.layers\.0\.weight"):
+        checkpoint.load_module(wide.ema.model, checkpoint.load_tensors(path), "ema", path)
+
+
+def test_train_writes_eval_and_stops_on_nan(tiny_spec, tmp_path):
+    g = compile_spec(load_spec(tiny_spec("progressive")))
+    results = train(g, tmp_path / "ok")
+    assert set(results) == {"1", "2"}
+    bad = compile_spec(load_spec(tiny_spec("lagrangian"), ["train.lr=1e30", "train.grad_clip=0"]))
+    with torch.no_grad():
+        for p in bad.model.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(UserError, match=r"step 2: loss is nan"):
+        train(bad, tmp_path / "nan")
