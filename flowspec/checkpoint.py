@@ -10,28 +10,41 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+import random
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from flowspec.errors import UserError
 
 
 def atomic_write(path: Path, write) -> None:
-    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, fsync, rename.
+
+    On any failure the temporary file is removed and ``path`` is untouched; an ``OSError`` (a full
+    disk, a read-only folder) becomes a one-line :class:`UserError` with exit code 1."""
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"{path}: cannot write: {exc.strerror or exc}", exit_code=1) from None
         raise
 
 
@@ -70,8 +83,33 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save(graph, run_dir: Path) -> Path:
-    """Write the graph's full training state as checkpoint step-N; returns the tensor file path."""
+STEM = re.compile(r"^step-(\d{8,})$")
+
+
+def _global_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch, numpy and python global RNG states: tensors for safetensors, the rest for JSON."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    tensors = {"rng.torch": torch.get_rng_state(),
+               "rng.numpy": torch.from_numpy(keys.astype(np.int64))}
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(py_state), py_gauss]}
+    return tensors, meta
+
+
+def _set_global_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = meta["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
+def save(graph, run_dir: Path, keep: int = 0) -> Path:
+    """Write the graph's full training state as checkpoint step-N; returns the tensor file path.
+
+    Order: tensors, then metadata (with the tensors' SHA-256), then the ``latest`` pointer; only
+    then are checkpoints beyond the newest ``keep`` removed (0 keeps all)."""
     ckpt_dir = run_dir / "checkpoints"
     stem = f"step-{graph.step_count:08d}"
     tensors: dict[str, torch.Tensor] = {}
@@ -81,36 +119,123 @@ def save(graph, run_dir: Path) -> Path:
     tensors.update(opt_tensors)
     tensors["rng.data"] = graph.data_generator.get_state()
     tensors["rng.train"] = graph.generator.get_state()
+    rng_tensors, rng_meta = _global_rng()
+    tensors.update(rng_tensors)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     weights = ckpt_dir / f"{stem}.safetensors"
-    atomic_write(weights, lambda p: save_file(tensors, str(p)))
+    atomic_write(weights, lambda p: p.write_bytes(save_bytes(tensors)))
     meta = {"step": graph.step_count, "sha256": sha256(weights), "ema_updates": graph.ema.updates,
-            "optimizer": opt_meta, "scheduler": graph.scheduler.state_dict()}
+            "optimizer": opt_meta, "scheduler": graph.scheduler.state_dict(), "rng": rng_meta,
+            "counters": dict(graph.counters)}
     atomic_text(ckpt_dir / f"{stem}.json", json.dumps(meta, indent=1, default=str))
     atomic_text(ckpt_dir / "latest", stem + "\n")
+    if keep:
+        prune(ckpt_dir, keep)
     return weights
 
 
-def latest(run_dir: Path) -> Path:
-    """Tensor file of the newest complete checkpoint of a run folder."""
-    pointer = Path(run_dir) / "checkpoints" / "latest"
+TEMPORARY = re.compile(r"^\.(step-\d+\.(json|safetensors)|latest|spec\.toml|metrics\.jsonl|eval\.json"
+                       r"|environment\.json)\.[A-Za-z0-9_]+$")
+
+
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of writes cut short (by SIGKILL, say) in a run folder."""
+    removed = []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        for path in folder.glob(".*") if folder.is_dir() else ():
+            if TEMPORARY.match(path.name) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+def stems(ckpt_dir: Path) -> list[str]:
+    """Checkpoint names ``step-N`` that have a tensor file, newest first."""
+    found = {p.stem for p in ckpt_dir.glob("step-*.safetensors") if STEM.match(p.stem)}
+    return sorted(found, key=lambda s: int(s[5:]), reverse=True)
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Remove all but the newest ``keep`` checkpoints (never the one ``latest`` names)."""
+    current = pointer(ckpt_dir)
+    for stem in stems(ckpt_dir)[keep:]:
+        if stem != current:
+            for suffix in (".json", ".safetensors"):  # metadata first: a lone tensor file is ignored
+                (ckpt_dir / f"{stem}{suffix}").unlink(missing_ok=True)
+
+
+def pointer(ckpt_dir: Path) -> str | None:
     try:
-        stem = pointer.read_text().strip()
-    except OSError:
-        raise UserError(f"{run_dir}: no checkpoint found (missing {pointer})") from None
-    return pointer.parent / f"{stem}.safetensors"
+        stem = (ckpt_dir / "latest").read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return stem if STEM.match(stem) else None
+
+
+def latest(run_dir: Path, warn: Callable[[str], None] | None = None) -> Path:
+    """Tensor file of the newest complete, verified checkpoint of a run folder.
+
+    Starts from the one the ``latest`` pointer names; a truncated or corrupted checkpoint (bad
+    metadata, checksum mismatch) is skipped for the previous good one, with a warning through
+    ``warn``. Raises a one-line UserError when there is none."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    current = pointer(ckpt_dir)
+    candidates = stems(ckpt_dir) if ckpt_dir.is_dir() else []
+    if current is None and candidates:
+        _warn(warn, f"{ckpt_dir / 'latest'}: missing or unreadable; looking for the newest good checkpoint")
+    elif current is not None:
+        candidates = [s for s in candidates if int(s[5:]) <= int(current[5:])]
+    for stem in candidates:
+        path = ckpt_dir / f"{stem}.safetensors"
+        try:
+            verify(path)
+        except UserError as exc:
+            _warn(warn, f"{exc.lines[0]}; skipped for the previous checkpoint")
+            continue
+        return path
+    raise UserError(f"{run_dir}: no complete checkpoint found in {ckpt_dir}", exit_code=1)
+
+
+def _warn(warn: Callable[[str], None] | None, message: str) -> None:
+    if warn is not None:
+        warn(f"warning: {message}")
+
+
+def read_meta(path: Path) -> dict:
+    """The JSON metadata of a checkpoint's tensor file (``step-N.json`` beside it)."""
+    meta_path = path.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UserError(f"{meta_path}: unreadable checkpoint metadata: {reason}", exit_code=1) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+        raise UserError(f"{meta_path}: unreadable checkpoint metadata: no sha256", exit_code=1)
+    return meta
+
+
+def verify(path: Path) -> dict:
+    """Metadata of a checkpoint whose tensor file matches the SHA-256 recorded in it."""
+    meta = read_meta(path)
+    try:
+        digest = sha256(path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}", exit_code=1) from None
+    if digest != meta["sha256"]:
+        raise UserError(f"{path}: checksum mismatch: the checkpoint is truncated or corrupted", exit_code=1)
+    return meta
 
 
 def load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a checkpoint, verified against the SHA-256 in its JSON metadata."""
-    meta_path = path.with_suffix(".json")
+    """Tensors of a checkpoint, verified against the SHA-256 in its JSON metadata.
+
+    Only safetensors is parsed: a file in any other format (a pickle renamed, say) is refused
+    without being executed."""
+    verify(path)
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{meta_path}: unreadable checkpoint metadata: {exc}", exit_code=1) from None
-    if sha256(path) != meta.get("sha256"):
-        raise UserError(f"{path}: checksum mismatch: the checkpoint is truncated or corrupted", exit_code=1)
-    return load_file(str(path))
+        return load_bytes(path.read_bytes())
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise UserError(f"{path}: not a safetensors file ({exc})", exit_code=1) from None
 
 
 def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> None:
@@ -119,10 +244,36 @@ def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefi
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    if missing or unexpected or wrong:
+    common = set(state) & set(expected)
+    wrong = sorted(k for k in common if state[k].shape != expected[k].shape)
+    dtype = sorted(k for k in common if state[k].dtype != expected[k].dtype and k not in wrong)
+    if missing or unexpected or wrong or dtype:
         parts = [f"{label}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else "")
                  for label, names in (("missing", missing), ("unexpected", unexpected),
-                                      ("wrong shape", wrong)) if names]
+                                      ("wrong shape", wrong), ("wrong dtype", dtype)) if names]
         raise UserError(f"{source}: checkpoint does not match the network ({'; '.join(parts)})", exit_code=1)
     module.load_state_dict(state)
+
+
+def restore(graph, path: Path) -> dict:
+    """Load a verified checkpoint into a freshly compiled graph: model, EMA, optimizer, schedule,
+    step counter, EMA counter, the graph's generators and the global torch/numpy/python RNGs.
+
+    Returns the checkpoint's metadata."""
+    tensors = load_tensors(path)
+    meta = read_meta(path)
+    load_module(graph.model, tensors, "model", path)
+    load_module(graph.ema.model, tensors, "ema", path)
+    try:
+        graph.optimizer.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))
+        graph.scheduler.load_state_dict(meta["scheduler"])
+        graph.data_generator.set_state(tensors["rng.data"])
+        graph.generator.set_state(tensors["rng.train"])
+        _set_global_rng(tensors, meta["rng"])
+        graph.step_count = int(meta["step"])
+        graph.ema.updates = int(meta["ema_updates"])
+        graph.counters = {k: int(v) for k, v in meta.get("counters", {}).items()}
+    except (KeyError, ValueError, TypeError, RuntimeError) as exc:
+        raise UserError(f"{path}: checkpoint does not match the training state "
+                        f"({type(exc).__name__}: {exc})".replace("\n", " "), exit_code=1) from None
+    return meta

@@ -22,6 +22,11 @@ err = Console(stderr=True)
 SetOption = typer.Option(None, "--set", help="override a spec value: section.key=value (repeatable)")
 
 
+def warn(line: str) -> None:
+    """A one-line warning on stderr, never wrapped."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def _load(spec: Path, overrides: Optional[List[str]]):
     from flowspec.spec import load_spec
 
@@ -29,20 +34,41 @@ def _load(spec: Path, overrides: Optional[List[str]]):
 
 
 @app.command()
-def run(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
+def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); with --resume, optional"),
         set_: Optional[List[str]] = SetOption,
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="parent of new run folders"),
         out_dir: Optional[Path] = typer.Option(None, "--out", help="exact run folder to create"),
-        force: bool = typer.Option(False, "--force", help="overwrite an existing run folder")) -> None:
-    """Train, evaluate and write a run folder."""
+        force: bool = typer.Option(False, "--force", help="overwrite an existing run folder"),
+        resume: Optional[Path] = typer.Option(None, "--resume", help="continue this run folder from its "
+                                              "newest good checkpoint (only train.steps may change)")) -> None:
+    """Train, evaluate and write a run folder (or continue one with --resume)."""
     from flowspec.compile import compile_spec
     from flowspec.train import make_run_dir, train
 
+    if resume is not None:
+        run_resumed(resume, spec, set_)
+        return
+    if spec is None:
+        raise UserError("run: missing the spec file (usage: flowspec run SPEC, or flowspec run --resume RUN_DIR)")
     s = _load(spec, set_)
     graph = compile_spec(s)
     run_dir = make_run_dir(s.name, runs_dir, out_dir, force)
-    err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir}")
+    err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir}", soft_wrap=True)
     train(graph, run_dir, err)
+    out.print(str(run_dir))
+
+
+def run_resumed(run_dir: Path, spec: Optional[Path], overrides: Optional[List[str]]) -> None:
+    """``run --resume``: the run's own spec (or ``spec``, which must match it but for train.steps)."""
+    from flowspec.train import resume, train
+
+    if not (run_dir / "spec.toml").is_file():
+        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
+    source = spec if spec is not None else run_dir / "spec.toml"
+    s = _load(source, overrides)
+    graph = resume(run_dir, s, str(source), warn)
+    err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir} (resumed at step {graph.step_count})", soft_wrap=True)
+    train(graph, run_dir, err, resumed=True)
     out.print(str(run_dir))
 
 
@@ -135,7 +161,7 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
         raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
     s = load_spec(spec_path, [f"train.device={device}", "eval.metrics=[]"])
     g = compile_spec(s)
-    path = checkpoint.latest(run_dir)
+    path = checkpoint.latest(run_dir, warn)
     checkpoint.load_module(g.ema.model, checkpoint.load_tensors(path), "ema", path)
     x = draw(g.sampler(), base_samples(g, n, seed), steps)
     out_file.parent.mkdir(parents=True, exist_ok=True)

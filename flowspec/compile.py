@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import copy
 import math
+import random
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel
 
@@ -65,6 +68,19 @@ class EMA:
             e.copy_(b)
 
 
+def nonfinite_term(out: LossOutput, grad_norm: torch.Tensor) -> str | None:
+    """None when the loss and the gradient norm are finite; else the name of the first non-finite
+    logged term (e.g. ``diagonal`` or ``distill``), ``loss``, or ``gradient``.
+
+    One ``isfinite`` reduction per step (a device sync on GPU; free on the CPU)."""
+    if bool(torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm)):
+        return None
+    for name, value in out.logs.items():
+        if name != "loss" and not bool(torch.isfinite(torch.as_tensor(value)).all()):
+            return name
+    return "loss" if not bool(torch.isfinite(out.loss.detach())) else "gradient"
+
+
 @dataclass
 class TrainingGraph:
     """Everything a run needs, as objects. ``step()`` performs one optimizer step."""
@@ -85,6 +101,8 @@ class TrainingGraph:
     generator: torch.Generator
     step_count: int = 0
     last_grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
+    last_fault: str | None = None
+    counters: dict[str, int] = field(default_factory=dict)
 
     def batch(self, n: int) -> Batch:
         """x1 from the data stream (CPU generator), x0 from the base (device generator), on device.
@@ -95,7 +113,10 @@ class TrainingGraph:
         return Batch(x0=x0, x1=x1, generator=self.generator)
 
     def step(self) -> LossOutput:
-        """One optimizer step: loss, backward, clip, update, schedule, EMA."""
+        """One optimizer step: loss, backward, clip, update, schedule, EMA.
+
+        A non-finite loss or gradient norm skips the update and the EMA (the schedule and the step
+        counter still advance) and names the faulty term in ``last_fault``."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         out = self.objective(self.model, self.interpolant, self.teacher,
@@ -104,9 +125,17 @@ class TrainingGraph:
         clip = self.spec.train.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.ema.update(self.model)
+        self.last_fault = nonfinite_term(out, self.last_grad_norm)
+        if self.last_fault is None:
+            self.optimizer.step()
+            self.scheduler.step()
+        else:  # a non-finite loss or gradient never reaches the weights, the optimizer or the EMA
+            self.optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # the schedule keeps its pace ("scheduler before optimizer")
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
+        if self.last_fault is None:
+            self.ema.update(self.model)
         self.step_count += 1
         return out
 
@@ -130,6 +159,8 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
     o = spec.train
     device = resolve_device(o.device)
     torch.manual_seed(o.seed)
+    random.seed(o.seed)  # the global numpy and python RNGs too, for components that use them
+    np.random.seed(o.seed)
 
     dataset: Dataset = build(registry, "datasets", spec.data)
     interpolant: Interpolant = build(registry, "interpolants", spec.interpolant)

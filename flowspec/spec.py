@@ -46,10 +46,15 @@ class TrainOptions(BaseModel):
     decay_start: int = Field(1000, ge=1, description="sqrt schedule: step where the decay begins")
     grad_clip: float = Field(10.0, ge=0, description="max global gradient norm; 0 disables clipping")
     ema: float = Field(0.999, ge=0, lt=1, description="EMA decay (warmed up: min(ema, (1+k)/(10+k))); 0 disables")
-    seed: int = Field(0, description="seeds weights, data and times: a CPU run is reproducible bit for bit")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds weights, data and times: a CPU run is reproducible bit for bit")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     checkpoint_every: int = Field(1000, ge=0, description="steps between checkpoints (0: at the end only)")
     log_every: int = Field(50, ge=1, description="steps between lines of metrics.jsonl")
+    keep_checkpoints: int = Field(3, ge=0, description="newest checkpoints kept in the run folder (0: all)")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop", description="a non-finite loss or gradient: stop the run (the last good checkpoint stays "
+        "latest), or skip the step (no update; counted in metrics.jsonl as nonfinite_skipped)"
+    )
 
 
 class EvalOptions(BaseModel):
@@ -62,7 +67,7 @@ class EvalOptions(BaseModel):
     num_samples: int = Field(64_000, ge=1, description="samples per K")
     metrics: list[str] = Field(["kl", "energy"], description="registered metric names")
     every: int = Field(0, ge=0, description="steps between evaluations during training (0: at the end only)")
-    seed: int = Field(1234, description="seed of the base samples shared by every K")
+    seed: int = Field(1234, ge=0, le=2**32 - 1, description="seed of the base samples shared by every K")
     plot: bool = Field(True, description="write samples/steps-K.png")
 
 

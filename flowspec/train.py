@@ -13,7 +13,9 @@ import math
 import os
 import platform
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,50 +74,141 @@ def results_table(results: dict[str, dict[str, float]], title: str) -> Table:
     return table
 
 
-def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None) -> dict:
-    """Train for ``spec.train.steps`` steps, evaluate, and return the final metric by K."""
+class SignalStop:
+    """While active, SIGINT and SIGTERM only raise a flag, read at the next step boundary; a second
+    signal of the same kind acts as usual (so a stuck step can still be interrupted)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+
+    def __enter__(self) -> "SignalStop":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN or infinity: non-finite numbers are logged as null."""
+    return value if math.isfinite(value) else None
+
+
+def fault_message(graph: TrainingGraph, out, run_dir: Path) -> str:
+    """One line naming the step and the non-finite term, and what is kept."""
+    k, term = graph.step_count, graph.last_fault
+    if term == "gradient":
+        what = f"gradient norm is {float(graph.last_grad_norm)} (loss {float(out.loss.detach())})"
+    else:
+        value = out.logs.get(term, out.loss) if term != "loss" else out.loss
+        what = f"loss term '{term}' is {float(value.detach())}"
+    kept = checkpoint.pointer(run_dir / "checkpoints")
+    return (f"step {k}: {what}; stopped, the last good checkpoint "
+            + (f"({kept}) stays latest" if kept else "(none yet) is kept")
+            + "; set train.nonfinite = \"skip\" to skip such steps")
+
+
+def truncate_metrics(run_dir: Path, step: int, final: bool) -> None:
+    """Make metrics.jsonl read like an uninterrupted run that reached ``step``: drop records after it,
+    a partly written last line, and (when ``final``) the end-of-run evaluation at ``step``."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+            k = int(record["step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if k < step or (k == step and not (final and "eval" in record)):
+            kept.append(line + "\n")
+    checkpoint.atomic_text(path, "".join(kept))
+
+
+def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, resumed: bool = False) -> dict:
+    """Train for ``spec.train.steps`` steps, evaluate, and return the final metric by K.
+
+    With ``resumed`` the graph holds a restored checkpoint (:func:`resume`) and the run folder's
+    log is continued. SIGINT/SIGTERM write a checkpoint at the next step boundary and stop with a
+    one-line UserError (exit 128 + signal) saying how to resume. A non-finite loss or gradient stops
+    the run (``train.nonfinite = "stop"``) or skips the step (``"skip"``; counted and logged)."""
     console = console or Console(stderr=True)
     spec = graph.spec
     o, ev = spec.train, spec.eval
     checkpoint.atomic_text(run_dir / "spec.toml", to_toml(spec))
-    checkpoint.atomic_text(run_dir / "environment.json", json.dumps(environment(graph), indent=1))
-    log = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+    if not resumed or not (run_dir / "environment.json").exists():
+        checkpoint.atomic_text(run_dir / "environment.json", json.dumps(environment(graph), indent=1))
+    try:
+        log = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"{run_dir / 'metrics.jsonl'}: cannot write: {exc.strerror or exc}", exit_code=1) from None
 
     def write(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        try:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        except OSError as exc:
+            raise UserError(f"{run_dir / 'metrics.jsonl'}: cannot write: {exc.strerror or exc}",
+                            exit_code=1) from None
+
+    def save() -> None:
+        checkpoint.save(graph, run_dir, keep=o.keep_checkpoints)
 
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} it/s"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
                         disable=not console.is_terminal)
     try:
-        with progress:
+        with progress, SignalStop() as stop:
             task = progress.add_task(spec.name, total=o.steps, completed=graph.step_count, loss="-", rate="-")
             window_start, window_steps, t0 = time.perf_counter(), 0, time.perf_counter()
             while graph.step_count < o.steps:
                 out = graph.step()
                 window_steps += 1
                 k = graph.step_count
+                if graph.last_fault is not None:
+                    if o.nonfinite == "stop":
+                        raise UserError(fault_message(graph, out, run_dir), exit_code=1)
+                    graph.counters["nonfinite_skipped"] = graph.counters.get("nonfinite_skipped", 0) + 1
                 if k % o.log_every == 0 or k == o.steps:
                     now = time.perf_counter()
                     rate = window_steps / (now - window_start)
-                    record = {"step": k, **{n: float(v) for n, v in out.logs.items()},
+                    record = {"step": k, **{n: _finite(float(v)) for n, v in out.logs.items()},
                               "lr": graph.optimizer.param_groups[0]["lr"],
-                              "grad_norm": float(graph.last_grad_norm), "steps_per_sec": rate,
+                              "grad_norm": _finite(float(graph.last_grad_norm)), "steps_per_sec": rate,
                               "elapsed": now - t0}
-                    if not math.isfinite(record["loss"]):
-                        raise UserError(f"step {k}: loss is {record['loss']} (non-finite); "
-                                        f"the last good checkpoint is kept", exit_code=1)
+                    if o.nonfinite == "skip":
+                        record["nonfinite_skipped"] = graph.counters.get("nonfinite_skipped", 0)
                     write(record)
-                    progress.update(task, loss=f"{record['loss']:.4f}", rate=f"{rate:.1f}")
+                    progress.update(task, loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
+                                    rate=f"{rate:.1f}")
                     window_start, window_steps = now, 0
                 progress.update(task, completed=k)
-                if o.checkpoint_every and k % o.checkpoint_every == 0 and k < o.steps:
-                    checkpoint.save(graph, run_dir)
+                # evaluation before the checkpoint: a checkpoint at step k implies every record of step k
                 if ev.every and k % ev.every == 0 and k < o.steps:
                     write({"step": k, "eval": evaluate(graph)})
-        checkpoint.save(graph, run_dir)
+                saved = bool(o.checkpoint_every and k % o.checkpoint_every == 0 and k < o.steps)
+                if saved:
+                    save()
+                if stop.signum is not None:
+                    if not saved and k < o.steps:
+                        save()
+                    name = signal.Signals(stop.signum).name
+                    raise UserError(f"{name}: stopped at step {k} with a checkpoint; resume with: "
+                                    f"flowspec run --resume {run_dir}", exit_code=128 + stop.signum)
+        save()
         results = evaluate(graph, run_dir)
         write({"step": graph.step_count, "eval": results})
         checkpoint.atomic_text(run_dir / "eval.json", json.dumps(
@@ -125,3 +218,56 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None) -
         log.close()
     console.print(results_table(results, f"{spec.name}: EMA flow map after {graph.step_count} steps"))
     return results
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
+    flat: dict[str, object] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def spec_differences(a, b, ignore: tuple[str, ...] = ("train.steps",)) -> list[str]:
+    """Dotted keys whose resolved values differ between two specs (``ignore`` excepted)."""
+    fa, fb = _flatten(a.model_dump(mode="json")), _flatten(b.model_dump(mode="json"))
+    return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k, None) != fb.get(k, None))
+
+
+def resume(run_dir: Path, spec, source: str, warn) -> TrainingGraph:
+    """Compile ``spec`` and restore the run folder's newest good checkpoint into it.
+
+    Args:
+        run_dir: the run folder (with the resolved ``spec.toml`` and ``checkpoints/``).
+        spec: the spec to continue with; it may differ from the run's only in ``train.steps``.
+        source: where ``spec`` came from (for messages).
+        warn: callback for one-line warnings (corrupted checkpoints skipped).
+
+    Returns:
+        The graph at the checkpoint's step; metrics.jsonl is truncated to match it.
+    """
+    from flowspec.compile import compile_spec
+    from flowspec.spec import load_spec
+
+    stored_path = run_dir / "spec.toml"
+    if not stored_path.exists():
+        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
+    stored = load_spec(stored_path)
+    diff = spec_differences(stored, spec)
+    if diff:
+        raise UserError(f"{source}: differs from the run's spec {stored_path} in {', '.join(diff)} "
+                        "(only train.steps may change on resume)")
+    graph = compile_spec(spec)
+    checkpoint.remove_temporaries(run_dir)
+    if checkpoint.stems(run_dir / "checkpoints"):
+        path = checkpoint.latest(run_dir, warn)
+        checkpoint.restore(graph, path)
+    else:
+        warn(f"warning: {run_dir}: no checkpoint yet; starting again from step 0")
+    if graph.step_count > spec.train.steps:
+        raise UserError(f"{source}: train.steps: {spec.train.steps} is below the checkpoint's step "
+                        f"{graph.step_count} (valid: >= {graph.step_count})")
+    truncate_metrics(run_dir, graph.step_count, final=graph.step_count >= spec.train.steps)
+    return graph

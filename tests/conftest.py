@@ -49,3 +49,27 @@ def tiny_spec(tmp_path: Path):
         return path
 
     return make
+
+
+@pytest.fixture
+def main(capsys, monkeypatch):
+    """Run the console entry point in this process: ``main(*args) -> (exit code, stdout, stderr)``.
+
+    Much faster than a subprocess (no interpreter or torch start-up); the exit path is the same
+    :func:`flowspec.cli.main`, so one-line errors and exit codes are exactly what a user sees."""
+    import sys
+
+    from flowspec.cli import main as entry
+
+    def call(*args) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["flowspec", *map(str, args)])
+        capsys.readouterr()
+        try:
+            entry()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return call

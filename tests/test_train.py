@@ -99,5 +99,7 @@ def test_train_writes_eval_and_stops_on_nan(tiny_spec, tmp_path):
     with torch.no_grad():
         for p in bad.model.parameters():
             p.fill_(float("nan"))
-    with pytest.raises(UserError, match=r"step 2: loss is nan"):
+    (tmp_path / "nan").mkdir()
+    with pytest.raises(UserError, match=r"^step 1: loss term 'diagonal' is nan; stopped"):
         train(bad, tmp_path / "nan")
+    assert not (tmp_path / "nan" / "checkpoints").exists()  # no checkpoint of bad weights
