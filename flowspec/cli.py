@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -33,6 +34,24 @@ def _load(spec: Path, overrides: Optional[List[str]]):
     return load_spec(spec, overrides or [])
 
 
+def _compile(s, source: Path):
+    """compile_spec with input errors prefixed by the spec file, and an allocation failure (a
+    network too large for memory) as one line, exit 1."""
+    from flowspec.compile import compile_spec
+
+    try:
+        return compile_spec(s)
+    except UserError as exc:
+        if exc.exit_code == 2:
+            exc.lines = [line if line.startswith(f"{source}: ") else f"{source}: {line}" for line in exc.lines]
+        raise
+    except (MemoryError, RuntimeError) as exc:
+        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
+            raise
+        raise UserError(f"{source}: network: out of memory while building the training graph "
+                        f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", exit_code=1) from None
+
+
 @app.command()
 def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); with --resume, optional"),
         set_: Optional[List[str]] = SetOption,
@@ -42,7 +61,6 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         resume: Optional[Path] = typer.Option(None, "--resume", help="continue this run folder from its "
                                               "newest good checkpoint (only train.steps may change)")) -> None:
     """Train, evaluate and write a run folder (or continue one with --resume)."""
-    from flowspec.compile import compile_spec
     from flowspec.train import make_run_dir, train
 
     if resume is not None:
@@ -51,10 +69,15 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
     if spec is None:
         raise UserError("run: missing the spec file (usage: flowspec run SPEC, or flowspec run --resume RUN_DIR)")
     s = _load(spec, set_)
-    graph = compile_spec(s)
+    graph = _compile(s, spec)
     run_dir = make_run_dir(s.name, runs_dir, out_dir, force)
     err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir}", soft_wrap=True)
-    train(graph, run_dir, err)
+    try:
+        train(graph, run_dir, err)
+    except BaseException:
+        if not (run_dir / "metrics.jsonl").exists():  # it never started: leave nothing half-written
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     out.print(str(run_dir))
 
 
@@ -66,7 +89,7 @@ def run_resumed(run_dir: Path, spec: Optional[Path], overrides: Optional[List[st
         raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
     source = spec if spec is not None else run_dir / "spec.toml"
     s = _load(source, overrides)
-    graph = resume(run_dir, s, str(source), warn)
+    graph = resume(run_dir, s, str(source), warn, compile=lambda spec: _compile(spec, source))
     err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir} (resumed at step {graph.step_count})", soft_wrap=True)
     train(graph, run_dir, err, resumed=True)
     out.print(str(run_dir))
@@ -113,10 +136,8 @@ def describe(graph) -> str:
 def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
             set_: Optional[List[str]] = SetOption) -> None:
     """Describe the compiled training graph in words."""
-    from flowspec.compile import compile_spec
-
     s = _load(spec, set_)
-    g = compile_spec(s)
+    g = _compile(s, spec)
     obj = g.objective
     o = obj.options
     doc = (sys.modules[type(obj).__module__].__doc__ or "").strip().split("\n\n")
@@ -204,6 +225,12 @@ def main() -> None:
         for line in exc.lines:
             print(line, file=sys.stderr)
         sys.exit(exc.exit_code)
+    except OSError as exc:  # a full disk or a vanished folder outside the places that name their file
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"flowspec: {where}{exc.strerror or exc}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print("flowspec: interrupted", file=sys.stderr)
         sys.exit(130)

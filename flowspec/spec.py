@@ -10,12 +10,14 @@ one line each: ``FILE: dotted.key: what is wrong (what would be valid)``.
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Sequence, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from flowspec.errors import UserError
 from flowspec.registry import Registry, default_registry, discriminator
@@ -71,6 +73,16 @@ class EvalOptions(BaseModel):
     plot: bool = Field(True, description="write samples/steps-K.png")
 
 
+def _plain_name(name: str) -> str:
+    if not name or name.startswith(".") or re.search(r"[/\\\x00-\x1f]", name):
+        raise ValueError("must be a plain folder name: not empty, no '/', '\\' or control "
+                         "characters, not starting with '.'")
+    return name
+
+
+RunName = Annotated[str, AfterValidator(_plain_name)]
+
+
 @lru_cache(maxsize=None)
 def component_model(registry: Registry, group: str, name: str) -> type[BaseModel]:
     """The spec model of one component: its Options plus the literal discriminator field."""
@@ -91,7 +103,7 @@ def _section_type(registry: Registry, group: str) -> Any:
 def spec_model(registry: Registry | None = None) -> type[BaseModel]:
     """The Spec model for the components in ``registry`` (default: the process-wide one)."""
     registry = registry or default_registry()
-    fields: dict[str, Any] = {"name": (str, Field("run", description="run name (default: the spec file's stem)"))}
+    fields: dict[str, Any] = {"name": (RunName, Field("run", description="run name (default: the spec file's stem)"))}
     for section, group in COMPONENT_SECTIONS.items():
         kind = DEFAULT_KINDS.get(section)
         typ = _section_type(registry, group)
@@ -144,8 +156,10 @@ def read_toml(path: str | Path) -> dict:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: cannot read: not UTF-8 text (byte {exc.start})") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -155,15 +169,40 @@ def read_toml(path: str | Path) -> dict:
 def validate(data: Mapping[str, Any], source: str = "<spec>", registry: Registry | None = None) -> BaseModel:
     """Validate a spec dict; all errors at once as a UserError of one-line messages."""
     model = spec_model(registry)
+    lines = [f"{source}: {key}: must be a finite number (got {value!r})" for key, value in _leaves(data)
+             if isinstance(value, float) and not math.isfinite(value)]
     try:
-        return model.model_validate(dict(data))
+        spec = model.model_validate(dict(data))
     except ValidationError as exc:
-        raise UserError(format_errors(exc, data, source, registry or default_registry())) from None
+        taken = tuple(line.rsplit(": ", 1)[0] + ":" for line in lines)
+        lines += [line for line in format_errors(exc, data, source, registry or default_registry())
+                  if not line.startswith(taken)]
+        raise UserError(lines) from None
+    validated = dict(_leaves(spec.model_dump()))
+    lines += [f"{source}: {key}: must be a number, not a boolean (got {str(value).lower()})"
+              for key, value in _leaves(data) if isinstance(value, bool) and not isinstance(validated.get(key), bool)]
+    if lines:
+        raise UserError(lines)
+    return spec
+
+
+def _leaves(data: Any, prefix: str = ""):
+    """(dotted key, value) for every scalar in nested dicts and lists (list items keyed by index)."""
+    items = data.items() if isinstance(data, Mapping) else enumerate(data)
+    for key, value in items:
+        dotted = f"{prefix}{key}"
+        if isinstance(value, (Mapping, list)):
+            yield from _leaves(value, dotted + ".")
+        else:
+            yield dotted, value
 
 
 def load_spec(path: str | Path, overrides: Sequence[str] = (), registry: Registry | None = None) -> BaseModel:
     """Read, override (``--set``) and validate a spec file. The run name defaults to the file stem."""
-    data = apply_overrides(read_toml(path), overrides)
+    raw = read_toml(path)
+    if not raw and not overrides:
+        raise UserError(f"{path}: the spec is empty (it needs at least [data] and [objective])")
+    data = apply_overrides(raw, overrides)
     data.setdefault("name", Path(path).stem)
     return validate(data, str(path), registry)
 
@@ -200,6 +239,8 @@ def _describe(err: dict) -> str:
         valid = ctx.get("expected_tags", "").replace("'", "")
         return f"unknown name {ctx.get('tag')!r} (known: {valid})"
     msg = err["msg"]
+    if kind == "value_error":
+        msg = msg.removeprefix("Value error, ")
     msg = msg[0].lower() + msg[1:]
     msg = msg.replace("input should be", "must be")
     return f"{msg} (got {got!r})" if not isinstance(got, (dict, list)) else msg
@@ -208,6 +249,7 @@ def _describe(err: dict) -> str:
 def format_errors(exc: ValidationError, data: Mapping[str, Any], source: str, registry: Registry) -> list[str]:
     """pydantic errors -> ``source: dotted.key: message`` lines (union tags removed from keys)."""
     lines: list[str] = []
+    alternatives: dict[str, tuple[Any, list[str]]] = {}
     for err in exc.errors(include_url=False):
         loc = list(err["loc"])
         if loc and loc[0] in COMPONENT_SECTIONS and len(loc) > 1 and err["type"] != "union_tag_invalid":
@@ -218,6 +260,13 @@ def format_errors(exc: ValidationError, data: Mapping[str, Any], source: str, re
                 del loc[1]
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc.append(discriminator(COMPONENT_SECTIONS[loc[0]]))
+        if len(loc) > 1 and isinstance(loc[-1], str) and UNION_MEMBER.match(loc[-1]):
+            key = ".".join(str(p) for p in loc[:-1])  # one line for all the members of a plain union
+            alternatives.setdefault(key, (err.get("input"), []))[1].append(_alternative(loc[-1], err))
+            line = f"{source}: {key}: " + "\0"
+            if line not in lines:
+                lines.append(line)
+            continue
         key = ".".join(str(p) for p in loc) or "(top level)"
         if err["type"] == "union_tag_not_found":
             known = ", ".join(registry.names(COMPONENT_SECTIONS[loc[0]]))
@@ -230,7 +279,27 @@ def format_errors(exc: ValidationError, data: Mapping[str, Any], source: str, re
         line = f"{source}: {key}: {text}"
         if line not in lines:
             lines.append(line)
+    for key, (got, alts) in alternatives.items():
+        index = lines.index(f"{source}: {key}: " + "\0")
+        lines[index] = f"{source}: {key}: {got!r} is not valid (valid: {', '.join(alts)})"
     return lines
+
+
+#: how pydantic names the members of a plain (undiscriminated) union in an error location
+UNION_MEMBER = re.compile(r"^((constrained-)?(float|int|str|bool)|none|(literal|list|dict|tuple)\[.*\])$")
+
+
+def _alternative(member: str, err: dict) -> str:
+    """What one member of a union would accept, for a merged union error."""
+    if err["type"] == "literal_error":
+        return err.get("ctx", {}).get("expected", member).replace("'", "").replace(" or ", ", ")
+    noun = {"float": "a number", "int": "an integer", "str": "a string", "bool": "true or false"}.get(
+        member.removeprefix("constrained-"))
+    if noun is None:
+        return member
+    if err["type"].endswith(("_type", "_parsing")):
+        return noun
+    return f"{noun} {err['msg'].removeprefix('Input should be ')}"
 
 
 # -- writing the resolved spec ----------------------------------------------------------------------

@@ -52,12 +52,15 @@ def make_run_dir(name: str, runs_dir: Path = Path("runs"), out: Path | None = No
         if not force:
             raise UserError(f"{path}: run folder exists (use --force to overwrite, or --out for another)")
         shutil.rmtree(path)
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
+        if created and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
         raise UserError(f"{path}: cannot write the run folder: {exc.strerror or exc}", exit_code=1) from None
     return path
 
@@ -236,7 +239,7 @@ def spec_differences(a, b, ignore: tuple[str, ...] = ("train.steps",)) -> list[s
     return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k, None) != fb.get(k, None))
 
 
-def resume(run_dir: Path, spec, source: str, warn) -> TrainingGraph:
+def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGraph:
     """Compile ``spec`` and restore the run folder's newest good checkpoint into it.
 
     Args:
@@ -244,6 +247,7 @@ def resume(run_dir: Path, spec, source: str, warn) -> TrainingGraph:
         spec: the spec to continue with; it may differ from the run's only in ``train.steps``.
         source: where ``spec`` came from (for messages).
         warn: callback for one-line warnings (corrupted checkpoints skipped).
+        compile: builds the graph (default :func:`flowspec.compile.compile_spec`).
 
     Returns:
         The graph at the checkpoint's step; metrics.jsonl is truncated to match it.
@@ -259,7 +263,7 @@ def resume(run_dir: Path, spec, source: str, warn) -> TrainingGraph:
     if diff:
         raise UserError(f"{source}: differs from the run's spec {stored_path} in {', '.join(diff)} "
                         "(only train.steps may change on resume)")
-    graph = compile_spec(spec)
+    graph = (compile or compile_spec)(spec)
     checkpoint.remove_temporaries(run_dir)
     if checkpoint.stems(run_dir / "checkpoints"):
         path = checkpoint.latest(run_dir, warn)

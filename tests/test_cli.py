@@ -115,4 +115,4 @@ def test_internal_errors_are_one_line_unless_debug(tiny_spec, monkeypatch):
     path = tiny_spec()
     proc = flowspec("run", path, "--set", "train.device=cuda", "--out", path.parent / "r")
     if proc.returncode == 2:  # no CUDA here: a clean input error
-        assert proc.stderr.strip().startswith("train.device: 'cuda' requested")
+        assert proc.stderr.strip().startswith(f"{path}: train.device: 'cuda' requested")
