@@ -64,6 +64,8 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
     from flowspec.train import make_run_dir, train
 
     if resume is not None:
+        if out_dir is not None or force:
+            raise UserError("run: --resume continues RUN_DIR in place; --out and --force do not apply to it")
         run_resumed(resume, spec, set_)
         return
     if spec is None:

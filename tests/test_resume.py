@@ -22,7 +22,7 @@ from flowspec.errors import UserError
 from flowspec.spec import load_spec
 from flowspec.train import resume, train
 
-STEPS = 20
+STEPS = 12
 LONG = """
 name = "long"
 
@@ -52,7 +52,7 @@ device = "cpu"
 steps = [1]
 num_samples = 100
 metrics = ["energy"]
-every = 8
+every = 4
 plot = false
 """
 
@@ -116,22 +116,20 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
         json.loads((reference / "eval.json").read_text())["steps"]["1"]["energy"]
 
 
-def test_sigkill_twice_then_resume_is_bit_identical(spec_path, reference, tmp_path):
-    """Real processes, killed with SIGKILL a few milliseconds after a random checkpoint."""
+def test_sigkill_then_resume_is_bit_identical(spec_path, reference, tmp_path, main):
+    """A real process, killed with SIGKILL a few milliseconds after a random checkpoint; resumed
+    through the same entry point as ``flowspec run --resume`` (in this process, to save a start-up)."""
     rng = random.Random(5)
     run_dir = tmp_path / "killed"
     proc = start("run", spec_path, "--out", run_dir)
-    for attempt, step in enumerate(sorted(rng.sample(range(2, STEPS - 4, 2), 2))):
-        if attempt:
-            proc = start("run", "--resume", run_dir)
-        wait_for_checkpoint(run_dir, proc, step)
-        time.sleep(rng.uniform(0, 0.05))  # anywhere in the following steps, mid-write included
-        proc.kill()
-        proc.wait()
-        assert proc.returncode == -signal.SIGKILL
-    done = cli("run", "--resume", run_dir)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == str(run_dir)
+    wait_for_checkpoint(run_dir, proc, rng.choice([2, 4, 6]))
+    time.sleep(rng.uniform(0, 0.05))  # anywhere in the following steps, mid-write included
+    proc.kill()
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    code, out, err = main("run", "--resume", run_dir)
+    assert code == 0, err
+    assert out.strip() == str(run_dir)
     assert_same_run(run_dir, reference)
     assert not list(run_dir.rglob(".*.*"))  # no temporary files left
 
@@ -145,7 +143,7 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(spec_path, reference,
 
     def step_then_signal(graph):
         out = step(graph)
-        if graph.step_count == 7:  # the signal arrives during step 8's neighbour: the boundary is 7
+        if graph.step_count == 7:  # as if the signal arrived during step 7
             os.kill(os.getpid(), sig)
         return out
 
@@ -192,9 +190,9 @@ def test_resume_with_a_longer_budget_continues(reference, tmp_path, main):
     code, _, err = main("run", "--resume", run_dir, "--set", f"train.steps={STEPS + 2}")
     assert code == 0, err
     assert checkpoint.pointer(run_dir / "checkpoints") == f"step-{STEPS + 2:08d}"
-    assert "steps = 22" in (run_dir / "spec.toml").read_text()
-    tail = [(r["step"], "eval" in r) for r in training_records(run_dir)][-5:]
-    assert tail == [(STEPS, False), (STEPS, True), (STEPS + 1, False), (STEPS + 2, False), (STEPS + 2, True)]
+    assert f"steps = {STEPS + 2}\n" in (run_dir / "spec.toml").read_text()
+    tail = [(r["step"], "eval" in r) for r in training_records(run_dir)][-4:]
+    assert tail == [(STEPS, False), (STEPS, True), (STEPS + 2, False), (STEPS + 2, True)]
 
 
 def test_resume_of_a_non_run_folder(tmp_path, main):
@@ -202,10 +200,12 @@ def test_resume_of_a_non_run_folder(tmp_path, main):
     assert code == 2 and err.strip() == f"{tmp_path}: not a run folder (no spec.toml)"
 
 
-def test_run_needs_a_spec_or_resume(main):
+def test_run_needs_a_spec_or_resume(main, tmp_path):
     code, _, err = main("run")
     assert code == 2
     assert err.strip() == "run: missing the spec file (usage: flowspec run SPEC, or flowspec run --resume RUN_DIR)"
+    code, _, err = main("run", "--resume", tmp_path, "--force")
+    assert (code, err.strip()) == (2, "run: --resume continues RUN_DIR in place; --out and --force do not apply to it")
 
 
 def test_only_the_newest_checkpoints_are_kept(reference):
@@ -216,88 +216,75 @@ def test_only_the_newest_checkpoints_are_kept(reference):
 
 # -- corrupted checkpoints (in process) ---------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_done(tmp_path_factory) -> tuple[Path, Path]:
-    """A finished 6-step tiny run with a checkpoint at every step: (spec file, run folder)."""
-    from tests.conftest import TINY
-
-    root = tmp_path_factory.mktemp("tiny")
-    spec_path = root / "tiny.toml"
-    spec_path.write_text(TINY.format(characterization="lagrangian"))
-    run_dir = root / "run"
-    run_dir.mkdir()
-    spec = load_spec(spec_path, ["train.checkpoint_every=1", "train.keep_checkpoints=0", "eval.plot=false"])
-    train(compile_spec(spec), run_dir)
-    return spec_path, run_dir
-
-
-def tiny_run(tiny_done, tmp_path):
-    """A private copy of the finished tiny run: (its resolved spec, the folder)."""
+def copy_of(reference, tmp_path):
+    """A private copy of the finished reference run: (its resolved spec, the folder)."""
     import shutil
 
     run_dir = tmp_path / "run"
-    shutil.copytree(tiny_done[1], run_dir)
+    shutil.copytree(reference, run_dir)
     return load_spec(run_dir / "spec.toml"), run_dir
 
 
-def test_corrupted_latest_falls_back_to_the_previous_good_checkpoint(tiny_done, tmp_path):
-    spec, run_dir = tiny_run(tiny_done, tmp_path)
+def test_corrupted_latest_falls_back_to_the_previous_good_checkpoint(reference, tmp_path):
+    spec, run_dir = copy_of(reference, tmp_path)
     ckpt = run_dir / "checkpoints"
-    last = ckpt / "step-00000006.safetensors"
-    truncated = ckpt / "step-00000005.safetensors"
+    last = ckpt / "step-00000012.safetensors"
+    truncated = ckpt / "step-00000010.safetensors"
     data = bytearray(last.read_bytes())
     data[len(data) // 2] ^= 0x01  # one flipped bit
     last.write_bytes(bytes(data))
     truncated.write_bytes(truncated.read_bytes()[:100])
     warnings: list[str] = []
-    assert checkpoint.latest(run_dir, warnings.append) == ckpt / "step-00000004.safetensors"
+    assert checkpoint.latest(run_dir, warnings.append) == ckpt / "step-00000008.safetensors"
     assert warnings == [
         f"warning: {last}: checksum mismatch: the checkpoint is truncated or corrupted; skipped for the previous checkpoint",
         f"warning: {truncated}: checksum mismatch: the checkpoint is truncated or corrupted; skipped for the previous checkpoint",
     ]
     graph = resume(run_dir, spec, "spec.toml", warnings.append)
-    assert graph.step_count == 4
-    assert [r["step"] for r in training_records(run_dir)] == [2, 4]  # the log is cut back to step 4
+    assert graph.step_count == 8
+    # the log is cut back to step 8 (losses every 3 steps, evaluations every 4)
+    assert [(r["step"], "eval" in r) for r in training_records(run_dir)] == [
+        (3, False), (4, True), (6, False), (8, True)]
 
 
-def test_missing_metadata_and_pointer_fall_back(tiny_done, tmp_path):
-    _, run_dir = tiny_run(tiny_done, tmp_path)
+def test_missing_metadata_and_pointer_fall_back(reference, tmp_path):
+    _, run_dir = copy_of(reference, tmp_path)
     ckpt = run_dir / "checkpoints"
-    (ckpt / "step-00000006.json").unlink()
+    (ckpt / "step-00000012.json").unlink()
     (ckpt / "latest").write_text("garbage")
     warnings: list[str] = []
-    assert checkpoint.latest(run_dir, warnings.append) == ckpt / "step-00000005.safetensors"
+    assert checkpoint.latest(run_dir, warnings.append) == ckpt / "step-00000010.safetensors"
     assert warnings[0] == f"warning: {ckpt / 'latest'}: missing or unreadable; looking for the newest good checkpoint"
-    assert warnings[1].startswith(f"warning: {ckpt / 'step-00000006.json'}: unreadable checkpoint metadata: ")
+    assert warnings[1].startswith(f"warning: {ckpt / 'step-00000012.json'}: unreadable checkpoint metadata: ")
 
 
-def test_all_checkpoints_bad_is_one_line(tiny_done, tmp_path, main):
-    _, run_dir = tiny_run(tiny_done, tmp_path)
-    for k in range(1, 6):
+def test_all_checkpoints_bad_is_one_line(reference, tmp_path, main):
+    _, run_dir = copy_of(reference, tmp_path)
+    for k in (8, 10):
         for ext in ("json", "safetensors"):
             (run_dir / "checkpoints" / f"step-{k:08d}.{ext}").unlink()
-    (run_dir / "checkpoints" / "step-00000006.safetensors").write_bytes(b"")
+    (run_dir / "checkpoints" / "step-00000012.safetensors").write_bytes(b"")
     code, _, err = main("sample", run_dir, "--out", tmp_path / "x.npy")
     assert code == 1
     assert err.strip().splitlines() == [
-        f"warning: {run_dir / 'checkpoints' / 'step-00000006.safetensors'}: checksum mismatch: the checkpoint "
+        f"warning: {run_dir / 'checkpoints' / 'step-00000012.safetensors'}: checksum mismatch: the checkpoint "
         "is truncated or corrupted; skipped for the previous checkpoint",
         f"{run_dir}: no complete checkpoint found in {run_dir / 'checkpoints'}"]
 
 
-def test_crafted_pickle_is_never_unpickled(tiny_done, tmp_path, main):
+def test_crafted_pickle_is_never_unpickled(reference, tmp_path, main):
     """A pickle that would run code, renamed as a checkpoint, with metadata whose checksum matches."""
     import hashlib
     import pickle
 
-    _, run_dir = tiny_run(tiny_done, tmp_path)
+    _, run_dir = copy_of(reference, tmp_path)
     marker = tmp_path / "pwned"
 
     class Exploit:
         def __reduce__(self):
             return (os.system, (f"touch {marker}",))
 
-    path = run_dir / "checkpoints" / "step-00000006.safetensors"
+    path = run_dir / "checkpoints" / "step-00000012.safetensors"
     path.write_bytes(pickle.dumps(Exploit()))
     meta_path = path.with_suffix(".json")
     meta = json.loads(meta_path.read_text())
@@ -310,14 +297,14 @@ def test_crafted_pickle_is_never_unpickled(tiny_done, tmp_path, main):
     assert len(err.strip().splitlines()) == 1 and not marker.exists()
 
 
-def test_restore_refuses_a_checkpoint_of_another_network(tiny_done, tmp_path):
-    _, run_dir = tiny_run(tiny_done, tmp_path)
-    path = run_dir / "checkpoints" / "step-00000006.safetensors"
-    wide = compile_spec(load_spec(run_dir / "spec.toml", ["network.depth=3"]))
+def test_restore_refuses_a_checkpoint_of_another_network(reference, tmp_path):
+    _, run_dir = copy_of(reference, tmp_path)
+    path = run_dir / "checkpoints" / "step-00000012.safetensors"
+    wide = compile_spec(load_spec(run_dir / "spec.toml", ["network.depth=2"]))
     with pytest.raises(UserError) as info:
         checkpoint.restore(wide, path)
-    assert info.value.lines == [f"{path}: checkpoint does not match the network (missing: net.layers.6.bias, "
-                                "net.layers.6.weight; wrong shape: net.layers.4.bias, net.layers.4.weight)"]
+    assert info.value.lines == [f"{path}: checkpoint does not match the network (missing: net.layers.4.bias, "
+                                "net.layers.4.weight; wrong shape: net.layers.2.bias, net.layers.2.weight)"]
 
 
 # -- numerical faults ----------------------------------------------------------------------------------
@@ -338,7 +325,8 @@ def poison(graph, at_step: int, term: str = "distill") -> None:
 
 
 def tiny_graph(tiny_spec, *overrides: str):
-    return compile_spec(load_spec(tiny_spec(), ["eval.plot=false", "train.keep_checkpoints=0", *overrides]))
+    return compile_spec(load_spec(tiny_spec(), ["eval.plot=false", "eval.metrics=[\"energy\"]", "eval.num_samples=50",
+                                                "eval.steps=[1]", "train.keep_checkpoints=0", *overrides]))
 
 
 def test_nonfinite_loss_stops_naming_step_and_term(tiny_spec, tmp_path):
