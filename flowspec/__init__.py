@@ -5,13 +5,15 @@ Public API::
     spec = load_spec("specs/checkerboard-lsd.toml", overrides=["train.steps=100"])
     graph = compile_spec(spec)
     results = train(graph, run_dir)
+    graph = resume(run_dir, spec, "spec.toml", warn=print)   # newest good checkpoint of a run
+    results = train(graph, run_dir, resumed=True)
     x = sample(graph.sampler(), x0, steps=2)
 """
 
 from flowspec.compile import TrainingGraph, compile_spec
 from flowspec.flowmap import FlowMap
 from flowspec.spec import load_spec
-from flowspec.train import train
+from flowspec.train import resume, train
 
 __version__ = "0.1.0"
 
@@ -21,4 +23,4 @@ def sample(flow_map: FlowMap, x0, steps: int):
     return flow_map.sample(x0, steps)
 
 
-__all__ = ["FlowMap", "TrainingGraph", "compile_spec", "load_spec", "sample", "train"]
+__all__ = ["FlowMap", "TrainingGraph", "compile_spec", "load_spec", "resume", "sample", "train"]

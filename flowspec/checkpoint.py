@@ -3,6 +3,9 @@
 ``checkpoints/step-N.safetensors`` holds the model, EMA and optimizer tensors and the RNG states;
 ``step-N.json`` holds the step, the SHA-256 of the tensor file and the non-tensor state; the
 ``latest`` file names the newest complete checkpoint and moves only after both files are in place.
+Reading goes newest first from ``latest``: a checkpoint whose tensor file does not match the SHA-256
+in its metadata is skipped, with a warning, for the previous good one. Tensors are parsed only as
+safetensors (from bytes: a file in any other format is refused, never executed).
 """
 
 from __future__ import annotations
@@ -161,6 +164,15 @@ def prune(ckpt_dir: Path, keep: int) -> None:
     for stem in stems(ckpt_dir)[keep:]:
         if stem != current:
             for suffix in (".json", ".safetensors"):  # metadata first: a lone tensor file is ignored
+                (ckpt_dir / f"{stem}{suffix}").unlink(missing_ok=True)
+
+
+def remove_after(ckpt_dir: Path, step: int) -> None:
+    """Remove checkpoints newer than ``step`` (on resume from ``step``: the corrupted ones skipped,
+    or ones the pointer never reached; the resumed run writes them again)."""
+    for stem in stems(ckpt_dir):
+        if int(stem[5:]) > step:
+            for suffix in (".json", ".safetensors"):
                 (ckpt_dir / f"{stem}{suffix}").unlink(missing_ok=True)
 
 

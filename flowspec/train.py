@@ -273,5 +273,6 @@ def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGrap
     if graph.step_count > spec.train.steps:
         raise UserError(f"{source}: train.steps: {spec.train.steps} is below the checkpoint's step "
                         f"{graph.step_count} (valid: >= {graph.step_count})")
+    checkpoint.remove_after(run_dir / "checkpoints", graph.step_count)
     truncate_metrics(run_dir, graph.step_count, final=graph.step_count >= spec.train.steps)
     return graph

@@ -242,6 +242,7 @@ def test_corrupted_latest_falls_back_to_the_previous_good_checkpoint(reference, 
     ]
     graph = resume(run_dir, spec, "spec.toml", warnings.append)
     assert graph.step_count == 8
+    assert checkpoint.stems(ckpt) == ["step-00000008"]  # the bad newer ones are gone: they come again
     # the log is cut back to step 8 (losses every 3 steps, evaluations every 4)
     assert [(r["step"], "eval" in r) for r in training_records(run_dir)] == [
         (3, False), (4, True), (6, False), (8, True)]
