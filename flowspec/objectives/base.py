@@ -130,9 +130,8 @@ class Objective:
     def __call__(self, flow_map: FlowMap, interpolant: Interpolant, teacher: Teacher,
                  batch: Batch) -> LossOutput:
         """The batch loss of MATH.md: (sum of diagonal terms + sum of off-diagonal terms) / B."""
-        x0, x1 = batch.x0, batch.x1
-        n = x0.shape[0]
-        s, t, n_diag = self.sample_times(n, x0.device, x0.dtype, batch.generator)
+        x0 = batch.x0
+        s, t, n_diag = self.sample_times(x0.shape[0], x0.device, x0.dtype, batch.generator)
         return self.loss_at(flow_map, interpolant, teacher, batch, s, t, n_diag)
 
     def loss_at(self, flow_map: FlowMap, interpolant: Interpolant, teacher: Teacher, batch: Batch,
