@@ -270,7 +270,7 @@ def check_interpolant(interpolant: Interpolant, *, n: int = 201, atol: float = 1
         exact_edge = getattr(e0, f"{key}_dot")
         if ((fd_edge - exact_edge).abs() / (1 + exact_edge.abs())).max().item() > 1e-4:
             msgs.append(f"{key}_dot at t = 0, 1 is {exact_edge.tolist()}, one-sided differences give "
-                        f"{fd_edge.tolist()}")
+                        f"{fd_edge.tolist()} (wrong, or not smooth at the edge)")
     g = torch.Generator().manual_seed(0)
     x0, x1 = torch.randn(n, 2, 3, generator=g, dtype=F64), torch.randn(n, 2, 3, generator=g, dtype=F64)
     it, dit = interpolant.interpolate(t, x0, x1)
