@@ -144,12 +144,19 @@ def check_objective(objective: Objective | type[Objective], *, oracles: Sequence
         obj = _objective_for(objective, target)
         for k, oracle in enumerate(oracles):
             for dtype in dtypes:
-                case = f"{cls.__name__}(target={target!r}) {type(oracle.interpolant).__name__} oracle {k} {dtype}"
+                case = (f"{cls.__name__}(target={target!r}) {_describe_oracle(oracle)} "
+                        f"{str(dtype).replace('torch.', '')}")
                 failures += [f"{case}: {m}" for m in _check_objective_case(obj, target, oracle, dtype, n, seed + k)]
                 checked.append(case)
     if failures:
         raise CheckFailed("\n".join(failures))
     return checked
+
+
+def _describe_oracle(oracle: GaussianOracle) -> str:
+    mu = [round(v, 3) for v in oracle.mu.reshape(-1).tolist()]
+    return (f"{type(oracle.interpolant).__name__} N({mu[0] if len(mu) == 1 else mu}, {oracle.sigma:.3g}^2), "
+            f"c={oracle.c:.3g}")
 
 
 def _check_objective_case(obj: Objective, target: str, oracle: GaussianOracle, dtype: torch.dtype,
@@ -191,7 +198,7 @@ def _check_objective_case(obj: Objective, target: str, oracle: GaussianOracle, d
         if gnorm > zero:
             kind = "expected gradient (antithetic pairs)" if target == "conditional" else "gradient"
             msgs.append(f"{kind} is not zero at the exact flow map: |dL/dw| = {gnorm:.3g} > {zero:g} "
-                        f"(dL/dw = {grad.tolist()}): the exact flow map is not a minimizer")
+                        f"(dL/dw = [{', '.join(f'{v:.3g}' for v in grad.tolist())}]): the exact flow map is not a minimizer")
         rms, gnorm, _ = run(ss, tt, a, b, 0, off, "off-diagonal loss at a perturbed map")
         if rms < POSITIVE_TOL:
             msgs.append(f"off-diagonal loss is not positive at a perturbed map: RMS residual {rms:.3g} "
