@@ -88,6 +88,27 @@ def test_a_failing_plugin_is_recorded_and_breaks_nothing_else(site):
                                 "unusable: failed to import broken_mod:Broken: RuntimeError: boom: missing CUDA kernel"]
 
 
+def test_an_entry_point_that_is_not_a_component_is_unusable(tmp_path, monkeypatch):
+    root = tmp_path / "w"
+    root.mkdir()
+    make_dist(root, "odd-plugin", "0.1",
+              {"flowspec.objectives": {"func": "odd_mod:func", "noopts": "odd_mod:NoOptions"}},
+              {"odd_mod": "from flowspec.objectives.base import Objective\n"
+                          "def func(): pass\n"
+                          "class NoOptions(Objective):\n    Options = dict\n"})
+    monkeypatch.syspath_prepend(str(root))
+    reg = Registry(builtins_only=False)
+    comps = reg.components("objectives")
+    assert comps["func"].error == "odd_mod:func is not a subclass of flowspec.objectives.base.Objective"
+    assert comps["noopts"].error == "odd_mod:NoOptions.Options is not a pydantic model"
+    assert comps["func"].obj is None and "func" not in reg.names("objectives")
+    # every other spec still validates
+    assert validate(SPEC, "p.toml", reg).objective.characterization == "lagrangian"
+    assert spec_errors(reg, objective={"characterization": "func"}) == [
+        "p.toml: objective.characterization: objective 'func' from odd-plugin 0.1 is unusable: "
+        "odd_mod:func is not a subclass of flowspec.objectives.base.Objective"]
+
+
 def test_same_name_in_two_distributions_names_both(site):
     reg = Registry(builtins_only=False)
     twin = reg.components("interpolants")["twin"]
