@@ -24,8 +24,10 @@ from flowspec.objectives.flow_matching import FlowMatching
 from flowspec.objectives.lagrangian import Lagrangian
 from flowspec.objectives.progressive import Progressive
 from flowspec.registry import Registry
-from flowspec.testing import (CheckFailed, ExactFlowMap, GaussianOracle, PerturbedFlowMap, check_flow_map,
-                              check_interpolant, check_objective)
+from flowspec.data.toy2d import Checkerboard
+from flowspec.metrics import EnergyDistance, MetricUnavailable
+from flowspec.testing import (CheckFailed, ExactFlowMap, GaussianOracle, PerturbedFlowMap, check_dataset,
+                              check_flow_map, check_interpolant, check_metric, check_objective)
 from flowspec.testing import strategies as fst
 
 F64 = torch.float64
@@ -249,3 +251,35 @@ def test_pytest_plugin_fixtures(gaussian_oracle, exact_flow_map, flowspec_oracle
     assert isinstance(exact_flow_map, PerturbedFlowMap) and exact_flow_map.oracle is gaussian_oracle
     assert gaussian_oracle.sigma == 1.3 and gaussian_oracle.c == 0.7 and len(flowspec_oracles) == 4
     check_objective(Lagrangian, oracles=[gaussian_oracle], dtypes=[F64])
+
+
+# -- datasets and metrics ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", BUILTINS.names("datasets"))
+def test_builtin_datasets_pass_check_dataset(name):
+    check_dataset(BUILTINS.get("datasets", name)())
+
+
+@pytest.mark.parametrize("name", BUILTINS.names("metrics"))
+@pytest.mark.parametrize("data", ["checkerboard", "moons"])
+def test_builtin_metrics_pass_check_metric(name, data):
+    metric, dataset = BUILTINS.get("metrics", name)(), BUILTINS.get("datasets", data)()
+    if name == "kl" and data == "moons":
+        with pytest.raises(MetricUnavailable):
+            check_metric(metric, dataset)
+    else:
+        check_metric(metric, dataset)
+
+
+def test_wrong_dataset_and_metric_are_caught():
+    class WrongStd(Checkerboard):
+        def std(self):
+            return super().std() * 1.2
+
+    class Backwards(EnergyDistance):
+        lower_is_better = False
+
+    with pytest.raises(CheckFailed, match=r"WrongStd: std\(\) = "):
+        check_dataset(WrongStd())
+    with pytest.raises(CheckFailed, match="does not prefer data"):
+        check_metric(Backwards(), Checkerboard())

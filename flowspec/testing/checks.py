@@ -8,6 +8,7 @@ listing every property that does not hold, or returns the list of what it checke
 * :func:`check_interpolant`: boundary conditions and derivatives against finite differences.
 * :func:`check_flow_map`: identity on the diagonal, the tangent condition, jvp against central
   differences.
+* :func:`check_dataset`, :func:`check_metric`: the Dataset and Metric contracts.
 """
 
 from __future__ import annotations
@@ -118,7 +119,10 @@ def check_objective(objective: Objective | type[Objective], *, oracles: Sequence
     The diagonal (flow matching) term is checked too, with a diagonal perturbation, as for the
     conditional target (it is a regression on dI_t/dt). The directions of w are listed in
     :class:`~flowspec.testing.oracles.PerturbedFlowMap`; objectives that draw random numbers must
-    draw them from ``objective.generator`` (seeded here) for the checks to be reproducible.
+    draw them from ``objective.generator`` (seeded here) for the checks to be reproducible. The
+    antithetic cancellation assumes the two members of a pair see the same randomness: a
+    conditional-target objective that draws its own per-sample noise needs a larger batch and a
+    statistical tolerance instead (not provided).
 
     Args:
         objective: an Objective subclass (built with default options per target) or an instance
@@ -382,5 +386,100 @@ def check_flow_map(flow_map: nn.Module, shape: Sequence[int] = (2,), *,
     return [f"{name}: shapes, identity, tangent condition, jvp"]
 
 
-__all__ = ["CheckFailed", "POSITIVE_TOL", "ZERO_TOL", "check_flow_map", "check_interpolant", "check_objective",
+# -- datasets and metrics ----------------------------------------------------------------------------
+
+def check_dataset(dataset, *, n: int = 100_000, seed: int = 0) -> list[str]:
+    """Check a Dataset against its base class's contract (flowspec.data.base):
+
+    * ``sample(k, generator)`` is (k, *shape), float32, on the CPU, finite, and the same for the
+      same seed (k = 1 and k = n);
+    * ``std()`` has shape ``shape`` and matches the std of n samples to 3% (+ 1e-3);
+    * ``bounds()``, if given, has one (lo, hi) with lo < hi per dimension and holds >= 99% of samples;
+    * ``cell_mass(edges)``, if given, on a 20 x 20 grid over the bounds: non-negative, total <= 1,
+      and within total variation 0.02 of the histogram of n samples.
+
+    Raises:
+        CheckFailed: listing every failing property.
+    """
+    msgs: list[str] = []
+    name = type(dataset).__name__
+    shape = tuple(dataset.shape)
+    for k in (1, n):
+        a = dataset.sample(k, torch.Generator().manual_seed(seed))
+        b = dataset.sample(k, torch.Generator().manual_seed(seed))
+        if tuple(a.shape) != (k, *shape) or a.dtype != F32 or a.device.type != "cpu":
+            msgs.append(f"sample({k}) is {tuple(a.shape)} {a.dtype} on {a.device} (must be ({k}, *{shape}) "
+                        "float32 on the CPU)")
+            continue
+        if not torch.equal(a, b):
+            msgs.append(f"sample({k}) differs between two generators with the same seed")
+        if not torch.isfinite(a).all():
+            msgs.append(f"sample({k}) is not finite")
+    if msgs:
+        raise CheckFailed("\n".join(f"{name}: {m}" for m in msgs))
+    x = a.double()
+    std = dataset.std()
+    if tuple(std.shape) != shape:
+        msgs.append(f"std() has shape {tuple(std.shape)} (must be {shape})")
+    elif ((std.double() - x.std(0)).abs() > 0.03 * x.std(0) + 1e-3).any():
+        msgs.append(f"std() = {std.flatten().tolist()[:4]} but samples give {x.std(0).flatten().tolist()[:4]}")
+    bounds = dataset.bounds()
+    if bounds is not None:
+        flat = x.reshape(n, -1)
+        if len(bounds) != flat.shape[1] or any(lo >= hi for lo, hi in bounds):
+            msgs.append(f"bounds() = {bounds} is not one (lo, hi), lo < hi, per dimension")
+        else:
+            lo = torch.tensor([b[0] for b in bounds], dtype=F64)
+            hi = torch.tensor([b[1] for b in bounds], dtype=F64)
+            inside = ((flat >= lo) & (flat <= hi)).all(1).double().mean().item()
+            if inside < 0.99:
+                msgs.append(f"only {inside:.3f} of the samples lie inside bounds() = {bounds}")
+            if len(bounds) == 2:
+                edges = [torch.linspace(b[0], b[1], 21, dtype=F64) for b in bounds]
+                p = dataset.cell_mass(edges)
+                if p is not None:
+                    q = torch.histogramdd(flat, bins=edges).hist / n
+                    tv = 0.5 * (p - q).abs().sum().item()
+                    if p.shape != (20, 20) or (p < 0).any() or p.sum() > 1 + 1e-9:
+                        msgs.append(f"cell_mass is not a (20, 20) sub-probability (shape {tuple(p.shape)}, "
+                                    f"total {p.sum().item():.4f})")
+                    elif tv > 0.02:
+                        msgs.append(f"cell_mass differs from the histogram of {n} samples: total variation {tv:.3f}")
+    if msgs:
+        raise CheckFailed("\n".join(f"{name}: {m}" for m in msgs))
+    return [f"{name}: sample, std, bounds, cell_mass"]
+
+
+def check_metric(metric, dataset, *, n: int = 1000, seed: int = 0) -> list[str]:
+    """Check a Metric on a dataset: it returns a finite float on samples (n, *shape) float32, the
+    same value for the same generator seed, and tells data from data moved by one std (shifted
+    and scaled by 1.5): better on fresh data samples than on the moved ones, in the direction
+    ``metric.lower_is_better`` says.
+
+    Raises:
+        CheckFailed: listing every failing property.
+    """
+    msgs: list[str] = []
+    name = type(metric).__name__
+    data = dataset.sample(n, torch.Generator().manual_seed(seed + 100))
+    std = dataset.std().to(data.dtype)
+    moved = 1.5 * (data - data.mean(0)) + data.mean(0) + std
+    good = metric(data, dataset, torch.Generator().manual_seed(seed))
+    again = metric(data, dataset, torch.Generator().manual_seed(seed))
+    bad = metric(moved, dataset, torch.Generator().manual_seed(seed))
+    if not all(isinstance(v, float) and math.isfinite(v) for v in (good, bad)):
+        msgs.append(f"values must be finite floats, got {good!r} and {bad!r}")
+    else:
+        if good != again:
+            msgs.append(f"not reproducible with the same generator seed: {good} then {again}")
+        better = good < bad if metric.lower_is_better else good > bad
+        if not better:
+            msgs.append(f"does not prefer data ({good:.4g}) to data moved by one std ({bad:.4g}) "
+                        f"(lower_is_better = {metric.lower_is_better})")
+    if msgs:
+        raise CheckFailed("\n".join(f"{name} on {type(dataset).__name__}: {m}" for m in msgs))
+    return [f"{name} on {type(dataset).__name__}: finite, reproducible, prefers the data"]
+
+
+__all__ = ["CheckFailed", "check_dataset", "check_metric", "POSITIVE_TOL", "ZERO_TOL", "check_flow_map", "check_interpolant", "check_objective",
            "default_oracles", "edge_times"]

@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from flowspec.data.toy2d import Gaussian
 from flowspec.registry import Registry
-from flowspec.testing import check_interpolant, check_objective
+from flowspec.data.toy2d import Checkerboard
+from flowspec.testing import check_interpolant, check_metric, check_objective
 from flowspec.testing import strategies as fst
 from flowspec_huber import HuberLagrangian, MomentError, Power
 
@@ -47,6 +48,10 @@ def test_pseudo_huber_penalty_by_hand():
 def test_power_schedule_values():
     c = Power(Power.Options(exponent=2.0)).coefficients(torch.tensor([0.5], dtype=torch.float64))
     assert (c.alpha.item(), c.beta.item(), c.alpha_dot.item(), c.beta_dot.item()) == (0.75, 0.25, -1.0, 1.0)
+
+
+def test_metric_passes_the_kit():
+    check_metric(MomentError(), Checkerboard())
 
 
 def test_moment_error_exact():
