@@ -137,6 +137,9 @@ def check_objective(objective: Objective | type[Objective], *, oracles: Sequence
     Raises:
         CheckFailed: listing every failing property.
     """
+    if n < len(edge_times()[0]):
+        raise ValueError(f"check_objective needs n >= {len(edge_times()[0])} (the edge pairs), got {n}")
+    dtypes = tuple(dtypes)
     cls = objective if isinstance(objective, type) else type(objective)
     targets = tuple(targets) if targets is not None else tuple(cls.targets)
     unsupported = [t for t in targets if t not in cls.targets]
