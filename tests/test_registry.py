@@ -199,3 +199,18 @@ def test_cli_plugins_and_validate_with_a_failing_plugin(site, tmp_path):
 
     proc = cli("plugins", site=site, COLUMNS="400", FLOWSPEC_BUILTINS_ONLY="1")
     assert proc.returncode == 0 and "broken" not in proc.stdout and "good-plugin" not in proc.stdout
+
+
+def test_a_failing_plugin_in_a_one_member_group(tmp_path, monkeypatch):
+    """networks has one usable member (mlp): pydantic reports a literal error, not a union tag."""
+    root = tmp_path / "n"
+    root.mkdir()
+    make_dist(root, "unet-plugin", "0.2", {"flowspec.networks": {"unet": "unet_mod:UNet"}},
+              {"unet_mod": "import flowspec_no_such_dependency\n"})
+    monkeypatch.syspath_prepend(str(root))
+    reg = Registry(builtins_only=False)
+    assert spec_errors(reg, network={"kind": "unet"}) == [
+        "p.toml: network.kind: network 'unet' from unet-plugin 0.2 is unusable: failed to import unet_mod:UNet: "
+        "ModuleNotFoundError: No module named 'flowspec_no_such_dependency'"]
+    (line,) = spec_errors(reg, network={"kind": "resnet"})
+    assert line == "p.toml: network.kind: 'resnet' is not valid (valid: mlp)"
