@@ -283,3 +283,10 @@ def test_wrong_dataset_and_metric_are_caught():
         check_dataset(WrongStd())
     with pytest.raises(CheckFailed, match="does not prefer data"):
         check_metric(Backwards(), Checkerboard())
+
+
+def test_pytest_plugin_is_registered_through_pytest11():
+    from importlib.metadata import entry_points
+
+    (ep,) = [e for e in entry_points(group="pytest11") if e.dist is not None and e.dist.name == "flowspec"]
+    assert (ep.name, ep.value) == ("flowspec", "flowspec.testing.pytest_plugin")
