@@ -2,8 +2,9 @@
 
 Groups: ``flowspec.objectives``, ``flowspec.interpolants``, ``flowspec.networks``,
 ``flowspec.datasets``, ``flowspec.metrics``. flowspec's own pyproject registers the built-ins in the
-same groups, so a third-party package is found exactly as they are. A plugin that fails to import
-is recorded with its error and does not break the others; two distributions registering one name
+same groups, so a third-party package is found exactly as they are. A plugin that fails to import,
+or whose entry point is not a subclass of the group's base class with a pydantic ``Options``, is
+recorded with its error and does not break the others; two distributions registering one name
 in one group is a conflict naming both. ``FLOWSPEC_BUILTINS_ONLY=1`` loads flowspec's own only.
 """
 
