@@ -219,7 +219,7 @@ def _describe(err: dict) -> str:
     if kind == "union_tag_invalid":
         valid = ctx.get("expected_tags", "").replace("'", "")
         return f"unknown name {ctx.get('tag')!r} (known: {valid})"
-    msg = err["msg"]
+    msg = err["msg"].removeprefix("Value error, ")
     msg = msg[0].lower() + msg[1:]
     msg = msg.replace("input should be", "must be")
     return f"{msg} (got {got!r})" if not isinstance(got, (dict, list)) else msg
