@@ -2,8 +2,9 @@
 
 Groups: ``flowspec.objectives``, ``flowspec.interpolants``, ``flowspec.networks``,
 ``flowspec.datasets``, ``flowspec.metrics``. flowspec's own pyproject registers the built-ins in the
-same groups, so a third-party package is found exactly as they are. A plugin that fails to import
-is recorded with its error and does not break the others; two distributions registering one name
+same groups, so a third-party package is found exactly as they are. A plugin that fails to import,
+or whose entry point is not a subclass of the group's base class with a pydantic ``Options``, is
+recorded with its error and does not break the others; two distributions registering one name
 in one group is a conflict naming both. ``FLOWSPEC_BUILTINS_ONLY=1`` loads flowspec's own only.
 """
 
@@ -89,6 +90,10 @@ class Registry:
                 comp.obj = ep.load()
             except Exception as exc:  # a broken plugin must not break the others
                 comp.error = f"failed to import {ep.value}: {type(exc).__name__}: {exc}"
+            else:
+                comp.error = _shape_error(group, ep.value, comp.obj)
+                if comp.error is not None:
+                    comp.obj = None
             found[ep.name] = comp
         return dict(sorted(found.items()))
 
@@ -106,6 +111,31 @@ class Registry:
         if comp.error is not None:
             raise UserError(f"{key}: {group[:-1]} {name!r} from {comp.origin} is unusable: {comp.error}")
         return comp.obj
+
+
+#: group -> (module, class) every component of the group must subclass
+BASES = {"objectives": ("flowspec.objectives.base", "Objective"),
+         "interpolants": ("flowspec.interpolants", "Interpolant"),
+         "networks": ("flowspec.networks.base", "Network"),
+         "datasets": ("flowspec.data.base", "Dataset"),
+         "metrics": ("flowspec.metrics", "Metric")}
+
+
+def _shape_error(group: str, target: str, obj: Any) -> str | None:
+    """Why a loaded entry point cannot be used as a component of ``group`` (None if it can): it must
+    be a subclass of the group's base class whose ``Options`` is a pydantic model."""
+    import importlib
+
+    from pydantic import BaseModel
+
+    module, name = BASES[group]
+    base = getattr(importlib.import_module(module), name)
+    if not (isinstance(obj, type) and issubclass(obj, base)):
+        return f"{target} is not a subclass of {module}.{name}"
+    options = getattr(obj, "Options", None)
+    if not (isinstance(options, type) and issubclass(options, BaseModel)):
+        return f"{target}.Options is not a pydantic model"
+    return None
 
 
 @lru_cache(maxsize=2)

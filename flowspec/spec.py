@@ -228,6 +228,31 @@ def _valid_keys(loc: tuple, data: Mapping[str, Any], registry: Registry) -> list
     return []
 
 
+def _unusable(registry: Registry, group: str, name: Any) -> str | None:
+    """'GROUP 'NAME' from DIST VERSION is unusable: ERROR' when ``name`` is a registered component that
+    failed to load (import error, or the same name from two distributions), else None."""
+    comp = registry.components(group).get(name) if isinstance(name, str) else None
+    if comp is None or comp.error is None:
+        return None
+    return f"{group[:-1]} {name!r} from {comp.origin} is unusable: {comp.error}"
+
+
+def _component_name_error(err: dict, loc: list, registry: Registry) -> str | None:
+    """The message for a component name that is registered but unusable (a failing plugin)."""
+    if not loc:
+        return None
+    if loc[0] == "eval" and len(loc) >= 2 and loc[1] == "metrics" and err["type"] == "literal_error":
+        return _unusable(registry, "metrics", err.get("input"))
+    group = COMPONENT_SECTIONS.get(loc[0])
+    if group is None:
+        return None
+    if err["type"] == "union_tag_invalid":
+        return _unusable(registry, group, err.get("ctx", {}).get("tag"))
+    if err["type"] == "literal_error" and loc[-1] == discriminator(group):  # a one-member union
+        return _unusable(registry, group, err.get("input"))
+    return None
+
+
 def _describe(err: dict) -> str:
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
     if kind == "missing":
@@ -238,9 +263,7 @@ def _describe(err: dict) -> str:
     if kind == "union_tag_invalid":
         valid = ctx.get("expected_tags", "").replace("'", "")
         return f"unknown name {ctx.get('tag')!r} (known: {valid})"
-    msg = err["msg"]
-    if kind == "value_error":
-        msg = msg.removeprefix("Value error, ")
+    msg = err["msg"].removeprefix("Value error, ")
     msg = msg[0].lower() + msg[1:]
     msg = msg.replace("input should be", "must be")
     return f"{msg} (got {got!r})" if not isinstance(got, (dict, list)) else msg
@@ -275,7 +298,7 @@ def format_errors(exc: ValidationError, data: Mapping[str, Any], source: str, re
             valid = _valid_keys(tuple(loc[:-1]), data, registry)
             text = "unknown key" + (f" (valid: {', '.join(valid)})" if valid else "")
         else:
-            text = _describe(err)
+            text = _component_name_error(err, loc, registry) or _describe(err)
         line = f"{source}: {key}: {text}"
         if line not in lines:
             lines.append(line)

@@ -5,6 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+
+from flowspec.flowmap import FlowMap
+from flowspec.networks.mlp import MLP, MLPOptions
 
 TINY = """
 name = "tiny"
@@ -49,6 +53,13 @@ def tiny_spec(tmp_path: Path):
         return path
 
     return make
+
+
+@pytest.fixture
+def mlp_map():
+    """A float64 flow map on a small MLP (2-D data), seeded."""
+    torch.manual_seed(0)
+    return FlowMap(MLP(MLPOptions(width=32, depth=2), (2,))).to(torch.float64)
 
 
 @pytest.fixture

@@ -5,20 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowspec.flowmap import FlowMap
 from flowspec.interpolants import Linear, Trig
 from flowspec.jvp import jvp
-from flowspec.networks.mlp import MLP, MLPOptions
 from flowspec.testing import ExactFlowMap, GaussianOracle
 
 F64 = torch.float64
 B, D = 8, 2
-
-
-@pytest.fixture
-def mlp_map():
-    torch.manual_seed(0)
-    return FlowMap(MLP(MLPOptions(width=32, depth=2), (D,))).to(F64)
 
 
 @pytest.fixture

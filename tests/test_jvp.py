@@ -5,18 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flowspec.flowmap import FlowMap
 from flowspec.jvp import jvp
-from flowspec.networks.mlp import MLP, MLPOptions
 
 F64 = torch.float64
 B, D = 6, 2
-
-
-@pytest.fixture
-def fm():
-    torch.manual_seed(0)
-    return FlowMap(MLP(MLPOptions(width=32, depth=2), (D,))).to(F64)
 
 
 @pytest.fixture
@@ -29,14 +21,14 @@ def point():
     return s, t, x, b
 
 
-def cases(fm, s, t, x, b):
+def cases(mlp_map, s, t, x, b):
     """(name, f, primals, tangents) for tangents in t, in s, in x, and augmented (s, x)."""
     one = torch.ones_like(s)
     return [
-        ("t", lambda tt: fm(s, tt, x), (t,), (one,)),
-        ("s", lambda ss: fm(ss, t, x), (s,), (one,)),
-        ("x", lambda xx: fm(s, t, xx), (x,), (b,)),
-        ("sx", lambda ss, xx: fm(ss, t, xx), (s, x), (one, b)),
+        ("t", lambda tt: mlp_map(s, tt, x), (t,), (one,)),
+        ("s", lambda ss: mlp_map(ss, t, x), (s,), (one,)),
+        ("x", lambda xx: mlp_map(s, t, xx), (x,), (b,)),
+        ("sx", lambda ss, xx: mlp_map(ss, t, xx), (s, x), (one, b)),
     ]
 
 
@@ -46,8 +38,8 @@ def central(f, primals, tangents, h):
     return (plus - minus) / (2 * h)
 
 
-def test_exact_matches_central_differences(fm, point):
-    for name, f, p, u in cases(fm, *point):
+def test_exact_matches_central_differences(mlp_map, point):
+    for name, f, p, u in cases(mlp_map, *point):
         value, tangent = jvp(f, p, u, strategy="exact")
         torch.testing.assert_close(value, f(*p), atol=1e-14, rtol=0)
         # h = 1e-7: the positional time embedding has frequencies up to 1000, so the truncation
@@ -55,37 +47,37 @@ def test_exact_matches_central_differences(fm, point):
         torch.testing.assert_close(tangent, central(f, p, u, 1e-7), atol=1e-7, rtol=0, msg=name)
 
 
-def test_augmented_is_sum_of_partials(fm, point):
+def test_augmented_is_sum_of_partials(mlp_map, point):
     s, t, x, b = point
     one = torch.ones_like(s)
-    _, both = jvp(lambda ss, xx: fm(ss, t, xx), (s, x), (one, b))
-    _, ds = jvp(lambda ss: fm(ss, t, x), (s,), (one,))
-    _, dx = jvp(lambda xx: fm(s, t, xx), (x,), (b,))
+    _, both = jvp(lambda ss, xx: mlp_map(ss, t, xx), (s, x), (one, b))
+    _, ds = jvp(lambda ss: mlp_map(ss, t, x), (s,), (one,))
+    _, dx = jvp(lambda xx: mlp_map(s, t, xx), (x,), (b,))
     torch.testing.assert_close(both, ds + dx, atol=1e-13, rtol=0)
 
 
 @pytest.mark.parametrize("step", [None, 1e-7])
-def test_finite_difference_strategy_matches_exact(fm, point, step):
-    for name, f, p, u in cases(fm, *point):
+def test_finite_difference_strategy_matches_exact(mlp_map, point, step):
+    for name, f, p, u in cases(mlp_map, *point):
         v_fd, t_fd = jvp(f, p, u, strategy="finite_difference", step=step)
         v_ex, t_ex = jvp(f, p, u, strategy="exact")
         torch.testing.assert_close(v_fd, v_ex, atol=1e-14, rtol=0)
         torch.testing.assert_close(t_fd, t_ex, atol=1e-6, rtol=0, msg=name)
 
 
-def test_unknown_strategy_and_mismatched_tangents(fm, point):
+def test_unknown_strategy_and_mismatched_tangents(mlp_map, point):
     s, t, x, _ = point
     with pytest.raises(ValueError):
-        jvp(lambda tt: fm(s, tt, x), (t,), (torch.ones_like(t),), strategy="nope")
+        jvp(lambda tt: mlp_map(s, tt, x), (t,), (torch.ones_like(t),), strategy="nope")
     with pytest.raises(ValueError):
-        jvp(lambda tt: fm(s, tt, x), (t,), ())
+        jvp(lambda tt: mlp_map(s, tt, x), (t,), ())
 
 
-def test_parameter_gradients_flow_through_exact_tangent(fm, point):
+def test_parameter_gradients_flow_through_exact_tangent(mlp_map, point):
     """grad_theta <w, J u> by reverse-over-forward equals the gradient of <w, central difference>."""
-    params = [p for p in fm.parameters()]
+    params = [p for p in mlp_map.parameters()]
     g = torch.Generator().manual_seed(7)
-    for name, f, p, u in cases(fm, *point):
+    for name, f, p, u in cases(mlp_map, *point):
         w = torch.randn(B, D, generator=g, dtype=F64)
         _, tangent = jvp(f, p, u, strategy="exact")
         exact = torch.autograd.grad((w * tangent).sum(), params)

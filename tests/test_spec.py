@@ -95,3 +95,22 @@ def test_objective_options_are_per_characterization():
     with pytest.raises(UserError) as info:
         validate({"data": {"kind": "checkerboard"}, "objective": {"characterization": "lagrangian", "gamma": "half"}}, "x.toml")
     assert info.value.lines[0].startswith("x.toml: objective.gamma: unknown key (valid: ")
+
+
+def test_docs_spec_reference_is_generated_from_the_models():
+    from pathlib import Path
+
+    from flowspec.registry import Registry
+    from flowspec.spec import reference
+
+    doc = Path(__file__).resolve().parents[1] / "docs" / "spec.md"
+    assert doc.read_text() == reference(Registry(builtins_only=True)), (
+        "docs/spec.md is stale: FLOWSPEC_BUILTINS_ONLY=1 flowspec schema --markdown > docs/spec.md")
+
+
+def test_biased_meanflow_combination_is_refused():
+    with pytest.raises(UserError) as info:
+        validate({"data": {"kind": "checkerboard"}, "objective": {
+            "characterization": "eulerian", "target": "conditional", "stop_gradient": "none"}}, "m.toml")
+    assert info.value.lines == ["m.toml: objective: stop_gradient = 'none' with target = 'conditional' is "
+                                "biased (its minimizer is not the flow map); use stop_gradient = 'full'"]

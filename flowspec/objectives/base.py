@@ -70,9 +70,17 @@ def squared_norm(r: torch.Tensor) -> torch.Tensor:
 class Objective:
     """Base class of every loss. Constructed as ``Objective(options)``.
 
+    A new objective subclasses this, sets the class attributes below, and implements
+    :meth:`residual` (and optionally :meth:`penalty`); its options are a subclass of
+    :class:`ObjectiveOptions` assigned to ``Options`` (pydantic fields: validated and documented in
+    the spec reference like the built-ins'). At training time the objective is called with the flow
+    map, the interpolant, the teacher and a :class:`Batch`; the base class samples (s, t), adds flow
+    matching on the diagonal and averages (MATH.md, "Sampling of (s, t)").
+
     Class attributes a subclass sets:
         characterization: the name a spec uses (``[objective] characterization = ...``).
-        targets: the distillation targets it supports.
+        targets: the distillation targets it supports ("self", "teacher", "conditional");
+            ``flowspec.testing.check_objective`` checks each of them.
         cost: forward passes per off-diagonal sample, by MATH.md's cost model (C = jvp cost).
     """
 
@@ -105,6 +113,14 @@ class Objective:
         """
         raise NotImplementedError
 
+    def penalty(self, r: torch.Tensor) -> torch.Tensor:
+        """The per-sample loss of a residual: |r|^2 by default, (B, ...) -> (B,).
+
+        Override for a robust loss (e.g. pseudo-Huber sqrt(|r|^2 + c^2) - c); it must be zero
+        exactly where r = 0 and positive elsewhere, so the exact flow map stays the minimizer.
+        """
+        return squared_norm(r)
+
     # -- shared machinery -----------------------------------------------------------------------
     def target_velocity(self, teacher: Teacher, t: torch.Tensor, x: torch.Tensor,
                         dx: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,9 +146,8 @@ class Objective:
     def __call__(self, flow_map: FlowMap, interpolant: Interpolant, teacher: Teacher,
                  batch: Batch) -> LossOutput:
         """The batch loss of MATH.md: (sum of diagonal terms + sum of off-diagonal terms) / B."""
-        x0, x1 = batch.x0, batch.x1
-        n = x0.shape[0]
-        s, t, n_diag = self.sample_times(n, x0.device, x0.dtype, batch.generator)
+        x0 = batch.x0
+        s, t, n_diag = self.sample_times(x0.shape[0], x0.device, x0.dtype, batch.generator)
         return self.loss_at(flow_map, interpolant, teacher, batch, s, t, n_diag)
 
     def loss_at(self, flow_map: FlowMap, interpolant: Interpolant, teacher: Teacher, batch: Batch,
@@ -152,7 +167,7 @@ class Objective:
             so, to = s[n_diag:], t[n_diag:]
             xs, dxs = interpolant.interpolate(so, x0[n_diag:], x1[n_diag:])
             self.generator = batch.generator
-            per = squared_norm(self.residual(flow_map, teacher, so, to, xs, dxs))
+            per = self.penalty(self.residual(flow_map, teacher, so, to, xs, dxs))
             total = total + per.sum()
             logs["distill"] = per.detach().mean()
         loss = total / n

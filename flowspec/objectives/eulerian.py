@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from flowspec.jvp import jvp
 from flowspec.objectives.base import Objective, ObjectiveOptions
@@ -25,6 +25,15 @@ class EulerianOptions(ObjectiveOptions):
     stop_gradient: Literal["full", "none"] = Field(
         "full", description="full: gradient only through d/ds X; none: through the whole residual"
     )
+
+    @model_validator(mode="after")
+    def _unbiased(self) -> "EulerianOptions":
+        # With the Monte-Carlo tangent, |r|^2's noise variance depends on grad_x X when the
+        # gradient flows through the advective term: the exact map is then not the minimizer.
+        if self.target == "conditional" and self.stop_gradient == "none":
+            raise ValueError("stop_gradient = 'none' with target = 'conditional' is biased "
+                             "(its minimizer is not the flow map); use stop_gradient = 'full'")
+        return self
 
 
 class Eulerian(Objective):

@@ -94,6 +94,22 @@ class GaussianOracle:
         mu = self._mu(x)
         return expand_as(db, x) * mu + expand_as(dstd / ss, x) * (x - expand_as(ks.beta, x) * mu)
 
+    def conditional_mean(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E[x0 | I_t = x], E[x1 | I_t = x]), each shaped like x (Gaussian conditioning):
+
+            E[x0 | I_t = x] = alpha_t c^2 / s_t^2 (x - beta_t mu)
+            E[x1 | I_t = x] = mu + beta_t sigma^2 / s_t^2 (x - beta_t mu)
+
+        The conditional law of (x0, x1) given I_t is Gaussian, hence symmetric about this mean:
+        (2 m0 - x0, 2 m1 - x1) has the same I_t and the same conditional law (an antithetic pair).
+        """
+        k, mu = self.interpolant.coefficients(t), self._mu(x)
+        var = expand_as(self.std(t) ** 2, x)
+        dev = x - expand_as(k.beta, x) * mu
+        m0 = expand_as(k.alpha, x) * self.c ** 2 / var * dev
+        m1 = mu + expand_as(k.beta, x) * self.sigma ** 2 / var * dev
+        return m0, m1
+
     def sample_data(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """x1 ~ N(mu, sigma^2 I): (n, D) float64."""
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
@@ -128,3 +144,41 @@ class ExactFlowMap(FlowMap):
     def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         amp = self.weight.to(x.dtype) * (self.eps * (t - s) + self.diagonal_eps)
         return self.oracle.v(s, t, x) + expand_as(amp, x) * torch.sin(x)
+
+
+class PerturbedFlowMap(FlowMap):
+    """The oracle's flow map moved along fixed directions by trainable weights w (init 0 = exact):
+
+        v_{s,t}(x) = v*_{s,t}(x) + sum_k w_k phi_k(s, t, x)
+
+    with v* the exact map velocity and the directions, each shaped like x,
+
+        phi_0 = (t - s) sin(x),  phi_1 = (t - s) x,  phi_2 = (t - s),   (off-diagonal: keep v_{t,t} = b_t)
+        phi_3 = sin(x),          phi_4 = 1                              (break the diagonal too)
+
+    The gradient of a loss with respect to w is its directional derivative along these directions,
+    which is what ``flowspec.testing.check_objective`` inspects. Set ``weights`` (shape (5,),
+    float64) to perturb the map.
+    """
+
+    OFF_DIAGONAL = (0, 1, 2)
+    DIAGONAL = (3, 4)
+
+    def __init__(self, oracle: GaussianOracle, weights=None):
+        super().__init__(_NoNet())
+        self.oracle = oracle
+        w = torch.zeros(5, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.weights = nn.Parameter(w.clone())
+
+    def directions(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
+        """phi_0 ... phi_4, each shaped like x."""
+        gap = expand_as(t - s, x)
+        one = torch.ones_like(x)
+        return [gap * torch.sin(x), gap * x, gap * one, torch.sin(x), one]
+
+    def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        w = self.weights.to(x.dtype)
+        out = self.oracle.v(s, t, x)
+        for k, phi in enumerate(self.directions(s, t, x)):
+            out = out + w[k] * phi
+        return out

@@ -1,0 +1,40 @@
+"""Lagrangian distillation with a pseudo-Huber penalty on the residual (an example flowspec plugin).
+
+Residual of flowspec's Lagrangian objective (MATH.md, "Losses"), pseudo-Huber penalty (c = huber_c):
+    (X, dX/dt) = jvp(t -> X_{s,t}(I_s), primal t, tangent 1)
+    r = dX/dt - sg(b-hat_t(sg(X)))
+    loss per off-diagonal sample = sqrt(|r|^2 + c^2) - c
+
+The penalty is ~|r|^2 / (2c) for |r| << c and ~|r| for |r| >> c, so large residuals (early in
+training, or near t = 1 on sharp data) pull less than under |r|^2. It is zero exactly where r = 0
+and positive elsewhere, so the exact flow map is still the minimizer; flowspec.testing's
+check_objective checks that for both targets. Cost per off-diagonal sample: 1 + C, like LSD.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from flowspec.objectives.base import ObjectiveOptions, squared_norm
+from flowspec.objectives.lagrangian import Lagrangian
+
+
+class HuberLagrangianOptions(ObjectiveOptions):
+    huber_c: float = Field(0.03, gt=0, description="c of the pseudo-Huber penalty sqrt(|r|^2 + c^2) - c")
+
+
+class HuberLagrangian(Lagrangian):
+    """Lagrangian self-distillation (or with a teacher) with a pseudo-Huber penalty on the residual."""
+
+    Options = HuberLagrangianOptions
+    characterization = "lagrangian_huber"
+    targets = ("self", "teacher")
+    cost = "1 + C"
+
+    def penalty(self, r: torch.Tensor) -> torch.Tensor:
+        """sqrt(|r|^2 + c^2) - c per sample, (B, ...) -> (B,); written as |r|^2 / (sqrt(|r|^2 + c^2) + c)
+        so that it has no cancellation when |r| << c (exactly 0 at r = 0, in float32 too)."""
+        c = self.options.huber_c
+        sq = squared_norm(r)
+        return sq / (torch.sqrt(sq + c * c) + c)
