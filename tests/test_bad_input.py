@@ -114,7 +114,7 @@ def malformed(draw) -> tuple[str, str]:
 
 
 def is_toml(text: str) -> bool:
-    import tomllib
+    from flowspec.spec import tomllib  # tomli before Python 3.11
 
     try:
         tomllib.loads(text)
