@@ -95,7 +95,8 @@ def integrate(velocity: Velocity, x: torch.Tensor, s: torch.Tensor | float = 0.0
 
     if solver == "dopri5":
         grid = torch.tensor([0.0, 1.0], dtype=x.dtype, device=x.device)
-        opts = dict(rtol=rtol, atol=atol)
+        # step_t: the last step lands exactly on tau = 1 instead of overshooting and interpolating
+        opts = dict(rtol=rtol, atol=atol, options={"step_t": grid[1:]})
     else:
         grid = torch.linspace(0.0, 1.0, steps + 1, dtype=x.dtype, device=x.device)
         opts = {}
