@@ -4,7 +4,7 @@ ODE baselines (``[eval] ode``) and the flow-map error against the true map (anal
 Every row carries ``nfe`` (network evaluations per sample: K for the flow map) and ``seconds``.
 With a closed-form velocity and ``[eval] flow_map_error``, every row also carries ``flow_map_error``:
 mean |sample(x0) - X^true_{0,1}(x0)|^2 over the first ``flow_map_samples`` base samples, the true map
-by float64 dopri5 at tolerance 1e-7 (flowspec.ode.TRUTH_TOL).
+by float64 dopri5 at tolerance 1e-6 (flowspec.ode.TRUTH_TOL).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class EvalOptions(BaseModel):
     flow_map_error: bool = Field(
         True, description="when the dataset has a closed-form velocity: MSE of the learned X_{s,t} against "
         "the true map (dopri5) on a 5-point (s, t) grid and at (0, 1), and a flow_map_error column")
-    flow_map_samples: int = Field(1000, ge=1, description="samples per (s, t) pair for flow_map_error")
+    flow_map_samples: int = Field(200, ge=1, description="samples per (s, t) pair for flow_map_error")
 
 
 @lru_cache(maxsize=None)
