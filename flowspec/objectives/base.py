@@ -42,6 +42,10 @@ class ObjectiveOptions(BaseModel):
         False, description="self target from the EMA weights instead of the current ones"
     )
     jvp: Strategy = Field("exact", description="forward-mode derivative: exact | finite_difference")
+    adaptive_weight: float = Field(
+        0.0, ge=0.0, description="MeanFlow's adaptive loss weighting, power p: each per-sample term "
+        "|r|^2 becomes sg(1 / (|r|^2 + adaptive_eps)^p) |r|^2 (0: off; MeanFlow uses 1)")
+    adaptive_eps: float = Field(1e-3, gt=0.0, description="c in the adaptive weight (MeanFlow: 1e-3)")
 
 
 @dataclass
@@ -65,6 +69,14 @@ class LossOutput:
 def squared_norm(r: torch.Tensor) -> torch.Tensor:
     """|r|^2 per sample: (B, ...) -> (B,), summed over all non-batch dimensions."""
     return r.pow(2).flatten(1).sum(1)
+
+
+def adaptive(per: torch.Tensor, power: float, eps: float) -> torch.Tensor:
+    """MeanFlow's adaptive weighting (arXiv 2505.13447): sg(1 / (per + eps)^power) * per, (B,) -> (B,).
+    With power = 1 the loss behaves like sum |r|^2 / (|r|^2 + eps), a robust (Cauchy-like) loss."""
+    if power == 0:
+        return per
+    return per / (per.detach() + eps).pow(power)
 
 
 class Objective:
@@ -140,20 +152,21 @@ class Objective:
         """The loss at given times (the first n_diag pairs diagonal); separated for exact tests."""
         x0, x1 = batch.x0, batch.x1
         n = x0.shape[0]
+        o = self.options
         logs: dict[str, torch.Tensor] = {}
         total = x0.new_zeros(())
         if n_diag > 0:
             td = t[:n_diag]
             it, dit = interpolant.interpolate(td, x0[:n_diag], x1[:n_diag])
             per = squared_norm(flow_map.velocity(td, it) - dit)
-            total = total + per.sum()
+            total = total + adaptive(per, o.adaptive_weight, o.adaptive_eps).sum()
             logs["diagonal"] = per.detach().mean()
         if n_diag < n:
             so, to = s[n_diag:], t[n_diag:]
             xs, dxs = interpolant.interpolate(so, x0[n_diag:], x1[n_diag:])
             self.generator = batch.generator
             per = squared_norm(self.residual(flow_map, teacher, so, to, xs, dxs))
-            total = total + per.sum()
+            total = total + adaptive(per, o.adaptive_weight, o.adaptive_eps).sum()
             logs["distill"] = per.detach().mean()
         loss = total / n
         logs["loss"] = loss.detach()
