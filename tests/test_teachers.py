@@ -304,3 +304,14 @@ def test_cli_sample_with_a_solver_prints_nfe(teacher_run, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "flowspec", "sample", teacher_run, "--solver", "rk45",
                           "--out", out], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "--solver: 'rk45' is not valid" in bad.stderr
+
+
+def test_every_shipped_spec_validates():
+    from pathlib import Path
+
+    from flowspec.spec import load_spec
+
+    specs = sorted((Path(__file__).parent.parent / "specs").glob("*.toml"))
+    assert len(specs) >= 10
+    for path in specs:
+        load_spec(path)
