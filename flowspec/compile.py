@@ -172,7 +172,12 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
     base = GaussianBase(c.to(device))
 
     net = build(registry, "networks", spec.network, tuple(dataset.shape))
-    model = FlowMap(net).to(device)
+    log_weight = None
+    if getattr(objective.options, "learned_weight", False):
+        from flowspec.weighting import LogVarianceWeight
+
+        log_weight = LogVarianceWeight()
+    model = FlowMap(net, log_weight=log_weight).to(device)
     ema = EMA(model, o.ema)
     teacher = SelfTeacher(ema.model if objective.options.ema_target else model)
     exact = exact_velocity(dataset, interpolant, c)

@@ -93,3 +93,32 @@ def test_fmm_and_shortcut_train_through_the_spec(tiny_spec):
                   ["objective.characterization=shortcut", "objective.ema_target=true"]):
         g = compile_spec(load_spec(tiny_spec(), extra))
         assert torch.isfinite(g.step().loss)
+
+
+def test_learned_log_variance_weight(tiny_spec):
+    """w = 0 at init (loss unchanged), trained jointly, minimized at w = log |r|^2, checkpointed."""
+    from flowspec.compile import compile_spec
+    from flowspec.spec import load_spec
+    from flowspec.weighting import LogVarianceWeight
+
+    w = LogVarianceWeight()
+    s, t = torch.rand(8), torch.rand(8)
+    assert torch.equal(w(s, t), torch.zeros(8))
+    g = compile_spec(load_spec(tiny_spec(), ["objective.learned_weight=true"]))
+    plain = type(g.objective)(g.objective.options.model_copy(update={"learned_weight": False}))
+    b = g.batch(64)
+    losses = [obj(g.model, g.interpolant, g.teacher, Batch(b.x0, b.x1, torch.Generator().manual_seed(3))).loss
+              for obj in (g.objective, plain)]
+    torch.testing.assert_close(losses[0], losses[1])
+    g.step()
+    assert any(k.startswith("log_weight.") for k in g.model.state_dict())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in g.model.log_weight.parameters())
+    # the optimal weight for a constant residual is log |r|^2
+    opt = torch.optim.Adam(w.parameters(), lr=0.05)
+    per = torch.full((256,), 4.0)
+    for _ in range(300):
+        opt.zero_grad()
+        ww = w(torch.rand(256), torch.rand(256))
+        (torch.exp(-ww) * per + ww).mean().backward()
+        opt.step()
+    assert abs(float(w(torch.rand(16), torch.rand(16)).mean()) - torch.log(torch.tensor(4.0))) < 0.05
