@@ -106,7 +106,14 @@ def evaluate_baselines(graph, out_dir: Path | None = None) -> dict:
         sources = {"model": model.velocity, "exact": getattr(graph.exact, "velocity", None),
                    "teacher": getattr(graph.frozen_teacher, "velocity", None)}
         for opts in o.ode:
-            x, nfe, seconds = ode.sample(sources[opts.velocity], x0, opts)
+            start = time.perf_counter()
+            try:
+                x, nfe, seconds = ode.sample(sources[opts.velocity], x0, opts)
+            except (AssertionError, RuntimeError) as exc:  # e.g. torchdiffeq's "underflow in dt"
+                # a failed baseline must not lose the run's other results
+                rows[opts.label()] = {"error": f"{type(exc).__name__}: {exc}",
+                                      "seconds": time.perf_counter() - start}
+                continue
             row = {name: float(metric(x, graph.dataset, torch.Generator().manual_seed(o.seed + 1)))
                    for name, metric in graph.metrics.items()}
             _endpoint_error(x, truth, row)
