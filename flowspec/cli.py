@@ -116,7 +116,8 @@ def method_name(objective) -> str:
     names = {("lagrangian", "self"): "LSD", ("lagrangian", "teacher"): "LMD",
              ("eulerian", "self"): "ESD", ("eulerian", "teacher"): "EMD",
              ("eulerian", "conditional"): "MeanFlow (Eulerian consistency training)",
-             ("progressive", "teacher"): "PD", ("flow_matching", "self"): "flow matching"}
+             ("progressive", "teacher"): "PD", ("flow_matching", "self"): "flow matching",
+             ("fmm", "conditional"): "flow map matching", ("shortcut", "self"): "shortcut model"}
     if objective.characterization == "progressive" and o.target == "self":
         return "PSD-M" if o.gamma == "half" else "PSD-U"
     return names.get((objective.characterization, o.target), f"{objective.characterization} ({o.target})")
@@ -165,12 +166,17 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
 
 @app.command()
 def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
-           steps: int = typer.Option(1, "--steps", min=1, help="flow-map steps K"),
+           steps: int = typer.Option(1, "--steps", min=1, help="flow-map steps K (or fixed-grid ODE steps)"),
            n: int = typer.Option(10_000, "--n", min=1, help="number of samples"),
            out_file: Path = typer.Option(..., "--out", help="output .npy file: float32 (N, D)"),
            seed: int = typer.Option(0, "--seed", help="seed of the base samples"),
-           device: str = typer.Option("auto", "--device", help="auto | cpu | cuda")) -> None:
-    """Draw samples from a run's EMA flow map."""
+           device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+           solver: Optional[str] = typer.Option(
+               None, "--solver", help="integrate the diagonal velocity v_{t,t} instead: "
+               "euler | midpoint | heun | rk4 (--steps K) | dopri5 (--rtol, --atol)"),
+           rtol: float = typer.Option(1e-5, "--rtol", help="dopri5 relative tolerance"),
+           atol: float = typer.Option(1e-5, "--atol", help="dopri5 absolute tolerance")) -> None:
+    """Draw samples from a run's EMA flow map (or, with --solver, from the ODE of its diagonal)."""
     import numpy as np
 
     from flowspec import checkpoint
@@ -186,10 +192,29 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
     g = compile_spec(s)
     path = checkpoint.latest(run_dir, warn)
     checkpoint.load_module(g.ema.model, checkpoint.load_tensors(path), "ema", path)
-    x = draw(g.sampler(), base_samples(g, n, seed), steps)
+    if solver is None:
+        x = draw(g.sampler(), base_samples(g, n, seed), steps)
+        how = f"{steps} step{'s' if steps > 1 else ''}"
+    else:
+        from typing import get_args
+
+        from pydantic import ValidationError
+
+        from flowspec import ode
+
+        valid = get_args(ode.Solver)
+        if solver not in valid:
+            raise UserError(f"--solver: {solver!r} is not valid (valid: {', '.join(valid)})")
+        try:
+            opts = ode.ODEOptions(solver=solver, steps=steps, rtol=rtol, atol=atol)
+        except ValidationError as exc:
+            e = exc.errors()[0]
+            raise UserError(f"--{e['loc'][0]}: {e['msg'].lower()} (got {e['input']!r})") from None
+        x, nfe, seconds = ode.sample(g.sampler().eval().velocity, base_samples(g, n, seed), opts)
+        how = f"ODE {opts.label()}, NFE {nfe}, {seconds:.2f} s"
     out_file.parent.mkdir(parents=True, exist_ok=True)
     np.save(out_file, x.reshape(n, -1).numpy())
-    out.print(f"{out_file}: {n} samples, {steps} step{'s' if steps > 1 else ''}, from {path.name}")
+    out.print(f"{out_file}: {n} samples, {how}, from {path.name}")
 
 
 @app.command()

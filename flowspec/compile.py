@@ -24,7 +24,8 @@ from flowspec.flowmap import FlowMap
 from flowspec.interpolants import GaussianBase, Interpolant
 from flowspec.objectives.base import Batch, LossOutput, Objective
 from flowspec.registry import Registry, default_registry
-from flowspec.teachers import SelfTeacher, Teacher
+from flowspec.data.analytic import exact_velocity
+from flowspec.teachers import SelfTeacher, Teacher, load_run_teacher
 
 
 def resolve_device(name: str) -> torch.device:
@@ -100,6 +101,10 @@ class TrainingGraph:
     data_generator: torch.Generator
     generator: torch.Generator
     step_count: int = 0
+    #: the dataset's closed-form velocity (flowspec.data.analytic), or None
+    exact: Any = None
+    #: the [teacher] velocity, or None without a [teacher] section
+    frozen_teacher: Any = None
     last_grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     last_fault: str | None = None
     counters: dict[str, int] = field(default_factory=dict)
@@ -153,11 +158,32 @@ def build(registry: Registry, group: str, options: BaseModel, *args) -> Any:
     return cls(cls.Options(**options.model_dump(include=base_fields)), *args)
 
 
+class _AnalyticPlaceholder:
+    """Marks kind = "analytic" until the base scale is known (the exact velocity depends on it)."""
+
+
+def _frozen_teacher(spec: BaseModel, registry: Registry, dataset: Dataset, device: torch.device):
+    """The [teacher] section's velocity (compile-time errors for a missing closed form, a bad run
+    folder, or a data shape other than the spec's)."""
+    t = getattr(spec, "teacher", None)
+    if t is None:
+        return None
+    if t.kind == "run":
+        return load_run_teacher(t.path, device, tuple(dataset.shape))
+    interpolant = build(registry, "interpolants", spec.interpolant)
+    if exact_velocity(dataset, interpolant, 1.0) is None:
+        raise UserError(f'teacher.kind: "analytic" needs a dataset with a closed-form velocity; '
+                        f'{spec.data.kind} has none (valid: gaussian, gmm, eight_gaussians, checkerboard)')
+    return _AnalyticPlaceholder()
+
+
 def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingGraph:
     """Build the TrainingGraph of a validated spec (see :func:`flowspec.spec.load_spec`)."""
     registry = registry or default_registry()
     o = spec.train
     device = resolve_device(o.device)
+    probe_data: Dataset = build(registry, "datasets", spec.data)
+    frozen = _frozen_teacher(spec, registry, probe_data, device)
     torch.manual_seed(o.seed)
     random.seed(o.seed)  # the global numpy and python RNGs too, for components that use them
     np.random.seed(o.seed)
@@ -168,18 +194,34 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
         objective: Objective = build(registry, "objectives", spec.objective)
     except ValueError as exc:
         raise UserError(f"objective.target: {exc}") from None
-    if objective.options.target == "teacher":
-        raise UserError("objective.target: 'teacher' needs a [teacher] section, which this version "
-                        "does not read yet (valid now: self, conditional)")
+    if objective.options.target == "teacher" and frozen is None:
+        raise UserError('objective.target: "teacher" needs a [teacher] section '
+                        '(kind = "analytic", or kind = "run" with path = "RUN_FOLDER")')
 
     scale = spec.interpolant.base_scale
     c = dataset.std() if scale == "data_std" else torch.tensor(float(scale))
     base = GaussianBase(c.to(device))
 
     net = build(registry, "networks", spec.network, tuple(dataset.shape))
-    model = FlowMap(net).to(device)
+    log_weight = None
+    if getattr(objective.options, "learned_weight", False):
+        from flowspec.weighting import LogVarianceWeight
+
+        log_weight = LogVarianceWeight()
+    model = FlowMap(net, log_weight=log_weight).to(device)
     ema = EMA(model, o.ema)
     teacher = SelfTeacher(ema.model if objective.options.ema_target else model)
+    exact = exact_velocity(dataset, interpolant, c)
+    if isinstance(frozen, _AnalyticPlaceholder):
+        frozen = exact
+    if objective.options.target == "teacher":
+        teacher = frozen
+    for row in spec.eval.ode:
+        if row.velocity == "teacher" and frozen is None:
+            raise UserError(f'eval.ode: {row.label()}: velocity = "teacher" needs a [teacher] section')
+        if row.velocity == "exact" and exact is None:
+            raise UserError(f'eval.ode: {row.label()}: velocity = "exact" needs a dataset with a '
+                            f'closed-form velocity; {spec.data.kind} has none')
 
     opt_cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[o.optimizer]
     optimizer = opt_cls(model.parameters(), lr=o.lr)
@@ -198,5 +240,6 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
     return TrainingGraph(spec=spec, dataset=dataset, interpolant=interpolant, base=base,
                          model=model, ema=ema, objective=objective, teacher=teacher,
                          optimizer=optimizer, scheduler=scheduler, metrics=metrics, device=device,
+                         exact=exact, frozen_teacher=frozen,
                          data_generator=torch.Generator().manual_seed(o.seed + 1),
                          generator=torch.Generator(device).manual_seed(o.seed + 2))

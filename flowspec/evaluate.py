@@ -1,4 +1,11 @@
-"""Evaluation: K-step flow-map sampling for each K in ``[eval] steps``, metrics, scatter plots."""
+"""Evaluation: K-step flow-map sampling for each K in ``[eval] steps``, metrics, scatter plots;
+ODE baselines (``[eval] ode``) and the flow-map error against the true map (analytic targets).
+
+Every row carries ``nfe`` (network evaluations per sample: K for the flow map) and ``seconds``.
+With a closed-form velocity and ``[eval] flow_map_error``, every row also carries ``flow_map_error``:
+mean |sample(x0) - X^true_{0,1}(x0)|^2 over the first ``flow_map_samples`` base samples, the true map
+by float64 dopri5 at tolerance 1e-6 (flowspec.ode.TRUTH_TOL).
+"""
 
 from __future__ import annotations
 
@@ -25,14 +32,39 @@ def sample(flow_map: FlowMap, x0: torch.Tensor, steps: int, chunk: int = 65_536)
     return torch.cat([flow_map.sample(x, steps).float().cpu() for x in x0.split(chunk)])
 
 
+_TRUTH_CACHE: dict = {}
+
+
+def true_endpoints(graph, x0: torch.Tensor) -> torch.Tensor | None:
+    """X^true_{0,1}(x0[:flow_map_samples]) on the CPU (float64), or None when not applicable. Cached."""
+    o = graph.spec.eval
+    if graph.exact is None or not o.flow_map_error:
+        return None
+    from flowspec.ode import true_flow_map
+
+    xs = x0[: o.flow_map_samples].detach().cpu().double()
+    key = (id(graph.exact), o.seed, xs.shape[0], float(xs.sum()))
+    if key not in _TRUTH_CACHE:
+        _TRUTH_CACHE.clear()
+        _TRUTH_CACHE[key] = true_flow_map(graph.exact.velocity, 0.0, 1.0, xs)
+    return _TRUTH_CACHE[key]
+
+
+def _endpoint_error(x: torch.Tensor, truth: torch.Tensor | None, row: dict) -> None:
+    if truth is not None:
+        row["flow_map_error"] = float((x[: truth.shape[0]].double() - truth).pow(2).flatten(1).sum(1).mean())
+
+
 def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
     """Metric by K for the EMA flow map; writes samples/steps-K.{npy,png} when out_dir is given.
 
     Returns:
-        {str(K): {metric name: value, "seconds": sampling wall time}}.
+        {str(K): {metric name: value, "flow_map_error" (analytic targets), "nfe": K,
+        "seconds": sampling wall time}}.
     """
     o = graph.spec.eval
     x0 = base_samples(graph, o.num_samples, o.seed)
+    truth = true_endpoints(graph, x0)
     results: dict[str, dict[str, float]] = {}
     for k in o.steps:
         start = time.perf_counter()
@@ -40,6 +72,8 @@ def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
         seconds = time.perf_counter() - start
         row = {name: float(metric(x, graph.dataset, torch.Generator().manual_seed(o.seed + 1)))
                for name, metric in graph.metrics.items()}
+        _endpoint_error(x, truth, row)
+        row["nfe"] = k
         row["seconds"] = seconds
         results[str(k)] = row
         if out_dir is not None:
@@ -48,8 +82,57 @@ def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
             if o.plot:
                 plot(x, graph.dataset, out_dir / "samples" / f"steps-{k}.png",
                      f"{graph.spec.name}: {k} step{'s' if k > 1 else ''}  "
-                     + "  ".join(f"{n}={v:.4g}" for n, v in row.items() if n != "seconds"))
+                     + "  ".join(f"{n}={v:.4g}" for n, v in row.items() if n in graph.metrics))
     return results
+
+
+def evaluate_baselines(graph, out_dir: Path | None = None) -> dict:
+    """ODE rows and the (s, t)-grid flow-map error.
+
+    Returns:
+        {"ode": {label: {metric: value, "flow_map_error", "nfe", "seconds"}},
+         "flow_map_error": {"grid": ..., "0-1": ...}} (each key only when it applies).
+    """
+    from flowspec import ode
+
+    o = graph.spec.eval
+    extras: dict = {}
+    if o.ode:
+        x0 = base_samples(graph, o.num_samples, o.seed)
+        truth = true_endpoints(graph, x0)
+        rows = {}
+        model = graph.sampler()
+        model.eval()
+        sources = {"model": model.velocity, "exact": getattr(graph.exact, "velocity", None),
+                   "teacher": getattr(graph.frozen_teacher, "velocity", None)}
+        for opts in o.ode:
+            start = time.perf_counter()
+            try:
+                x, nfe, seconds = ode.sample(sources[opts.velocity], x0, opts)
+            except (AssertionError, RuntimeError) as exc:  # e.g. torchdiffeq's "underflow in dt"
+                # a failed baseline must not lose the run's other results
+                rows[opts.label()] = {"error": f"{type(exc).__name__}: {exc}",
+                                      "seconds": time.perf_counter() - start}
+                continue
+            row = {name: float(metric(x, graph.dataset, torch.Generator().manual_seed(o.seed + 1)))
+                   for name, metric in graph.metrics.items()}
+            _endpoint_error(x, truth, row)
+            row["nfe"] = nfe
+            row["seconds"] = seconds
+            rows[opts.label()] = row
+            if out_dir is not None:
+                (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+                stem = opts.label().replace(" ", "-").replace("/", "_").replace("=", "")
+                np.save(out_dir / "samples" / f"{stem}.npy", x.numpy())
+        extras["ode"] = rows
+    if graph.exact is not None and o.flow_map_error:
+        g = torch.Generator().manual_seed(o.seed + 2)
+        n = o.flow_map_samples
+        x1 = graph.dataset.sample(n, g).to(graph.device)
+        x0 = base_samples(graph, n, o.seed + 3)
+        extras["flow_map_error"] = ode.flow_map_error(graph.sampler(), graph.exact.velocity, x0, x1,
+                                                      graph.interpolant)
+    return extras
 
 
 def plot(x: torch.Tensor, dataset, path: Path, title: str, max_points: int = 20_000) -> None:

@@ -21,10 +21,12 @@ class FlowMap(nn.Module):
         scale: preconditioning constant c (1 means none).
     """
 
-    def __init__(self, net: nn.Module, scale: float = 1.0):
+    def __init__(self, net: nn.Module, scale: float = 1.0, log_weight: nn.Module | None = None):
         super().__init__()
         self.net = net
         self.scale = float(scale)
+        #: optional learned log-variance loss weight w_{s,t} (flowspec.weighting); not part of X
+        self.log_weight = log_weight
 
     def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """v_{s,t}(x), shape of x; s, t of shape (B,)."""

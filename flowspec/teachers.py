@@ -7,9 +7,10 @@ always evaluated under stop-gradient.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Literal, Optional, Protocol, runtime_checkable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 
@@ -39,3 +40,69 @@ class SelfTeacher:
     @torch.no_grad()
     def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.flow_map.v(s, t, x)
+
+
+class TeacherOptions(BaseModel):
+    """``[teacher]``: the frozen velocity of target = "teacher" (and of ``[eval] ode`` rows with
+    velocity = "teacher")."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["analytic", "run"] = Field(
+        ..., description='analytic: the exact velocity of the spec\'s own dataset; run: the EMA diagonal '
+        'v_{t,t} of a flowspec run folder')
+    path: Optional[str] = Field(None, description='kind = "run": the run folder (its spec.toml and latest '
+                                                  'checkpoint are read)')
+
+    @model_validator(mode="after")
+    def _check_path(self) -> "TeacherOptions":
+        if self.kind == "run" and not self.path:
+            raise ValueError('kind = "run" needs path = "RUN_FOLDER"')
+        if self.kind == "analytic" and self.path:
+            raise ValueError('path is only read with kind = "run"')
+        return self
+
+
+class FlowMapTeacher:
+    """A frozen flowspec flow map as teacher: velocity = its diagonal v_{t,t}; its map is one Euler
+    step of that velocity, v_{s,t}(x) = v_{s,s}(x) (MATH.md: the PD teacher map, initially)."""
+
+    def __init__(self, flow_map: nn.Module, source: str = ""):
+        self.flow_map = flow_map.requires_grad_(False).eval()
+        self.source = source
+
+    @torch.no_grad()
+    def velocity(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.flow_map.velocity(t, x)
+
+    def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.velocity(s, x)
+
+
+def load_run_teacher(path: str, device: torch.device, shape: tuple[int, ...]) -> FlowMapTeacher:
+    """The EMA flow map of a run folder, frozen (its resolved spec compiled, the latest checkpoint
+    loaded through :mod:`flowspec.checkpoint`: safetensors, checksum verified).
+
+    Raises:
+        UserError: not a run folder, no checkpoint, or a data shape other than ``shape``.
+    """
+    from pathlib import Path
+
+    from flowspec import checkpoint
+    from flowspec.compile import compile_spec
+    from flowspec.errors import UserError
+    from flowspec.spec import load_spec
+
+    run = Path(path)
+    if not (run / "spec.toml").exists():
+        raise UserError(f"teacher.path: {path}: not a run folder (no spec.toml)")
+    spec = load_spec(run / "spec.toml", [f"train.device={device.type}", "eval.metrics=[]",
+                                         "eval.flow_map_error=false", "eval.ode=[]"])
+    rng = torch.random.get_rng_state()
+    graph = compile_spec(spec)
+    torch.random.set_rng_state(rng)
+    if tuple(graph.dataset.shape) != tuple(shape):
+        raise UserError(f"teacher.path: {path}: the teacher's data shape {tuple(graph.dataset.shape)} "
+                        f"differs from this spec's {tuple(shape)}")
+    ckpt = checkpoint.latest(run)
+    checkpoint.load_module(graph.ema.model, checkpoint.load_tensors(ckpt), "ema", ckpt)
+    return FlowMapTeacher(graph.ema.model.to(device), f"{path} ({ckpt.name})")

@@ -27,7 +27,7 @@ from rich.table import Table
 from flowspec import checkpoint
 from flowspec.compile import TrainingGraph
 from flowspec.errors import UserError
-from flowspec.evaluate import evaluate
+from flowspec.evaluate import evaluate, evaluate_baselines
 from flowspec.spec import to_toml
 
 
@@ -66,14 +66,17 @@ def make_run_dir(name: str, runs_dir: Path = Path("runs"), out: Path | None = No
 
 
 def results_table(results: dict[str, dict[str, float]], title: str) -> Table:
-    names = [n for n in next(iter(results.values())) if n != "seconds"]
+    """One row per sampler (flow-map K, or an ODE baseline): metrics, NFE, seconds."""
+    names = [n for n in next(iter(results.values())) if n not in ("seconds", "nfe")]
     table = Table(title=title)
     table.add_column("steps", justify="right")
     for n in names:
         table.add_column(n, justify="right")
+    table.add_column("NFE", justify="right")
     table.add_column("sampling s", justify="right")
     for k, row in results.items():
-        table.add_row(k, *(f"{row[n]:.4f}" for n in names), f"{row['seconds']:.2f}")
+        table.add_row(k, *(f"{row[n]:.4f}" if n in row else "-" for n in names),
+                      str(row.get("nfe", "-")), f"{row['seconds']:.2f}")
     return table
 
 
@@ -213,13 +216,19 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
                                     f"flowspec run --resume {run_dir}", exit_code=128 + stop.signum)
         save()
         results = evaluate(graph, run_dir)
-        write({"step": graph.step_count, "eval": results})
+        extras = evaluate_baselines(graph, run_dir)
+        write({"step": graph.step_count, "eval": results, **extras})
         checkpoint.atomic_text(run_dir / "eval.json", json.dumps(
             {"step": graph.step_count, "num_samples": ev.num_samples, "metrics": list(graph.metrics),
-             "steps": results}, indent=1))
+             "steps": results, **extras}, indent=1))
     finally:
         log.close()
-    console.print(results_table(results, f"{spec.name}: EMA flow map after {graph.step_count} steps"))
+    console.print(results_table({**results, **extras.get("ode", {})},
+                                f"{spec.name}: EMA flow map after {graph.step_count} steps"))
+    if "flow_map_error" in extras:
+        fme = extras["flow_map_error"]
+        console.print(f"flow_map_error (MSE against the true map): (s, t) grid {fme['grid']:.4g}, "
+                      f"(0, 1) {fme['0-1']:.4g}")
     return results
 
 

@@ -167,8 +167,8 @@ CORPUS = [
      "name: must be a plain folder name: not empty, no '/', '\\' or control characters, not starting with '.' "
      "(got '../../etc')"),
     ("teacher without section", ('characterization = "lagrangian"', 'characterization = "lagrangian"\ntarget = "teacher"'),
-     "objective.target: 'teacher' needs a [teacher] section, which this version does not read yet "
-     "(valid now: self, conditional)"),
+     'objective.target: "teacher" needs a [teacher] section (kind = "analytic", or kind = "run" '
+     'with path = "RUN_FOLDER")'),
     ("duplicate key", ("steps = 6", "steps = 6\nsteps = 7"), "TOML syntax error: Cannot overwrite a value (at line 21, column 10)"),
 ]
 

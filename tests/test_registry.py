@@ -121,8 +121,8 @@ def test_same_name_in_two_distributions_names_both(site):
 
 
 def test_builtins_only_switch(site, monkeypatch):
-    assert Registry(builtins_only=True).names("objectives") == ["eulerian", "flow_matching", "lagrangian",
-                                                                 "progressive"]
+    assert Registry(builtins_only=True).names("objectives") == ["eulerian", "flow_matching", "fmm", "lagrangian",
+                                                                 "progressive", "shortcut"]
     monkeypatch.setenv("FLOWSPEC_BUILTINS_ONLY", "1")
     reg = Registry()
     assert reg.builtins_only and "scaled" not in reg.components("objectives")

@@ -42,6 +42,13 @@ class ObjectiveOptions(BaseModel):
         False, description="self target from the EMA weights instead of the current ones"
     )
     jvp: Strategy = Field("exact", description="forward-mode derivative: exact | finite_difference")
+    adaptive_weight: float = Field(
+        0.0, ge=0.0, description="MeanFlow's adaptive loss weighting, power p: each per-sample term "
+        "|r|^2 becomes sg(1 / (|r|^2 + adaptive_eps)^p) |r|^2 (0: off; MeanFlow uses 1)")
+    adaptive_eps: float = Field(1e-3, gt=0.0, description="c in the adaptive weight (MeanFlow: 1e-3)")
+    learned_weight: bool = Field(
+        False, description="learned log-variance weight: each term becomes exp(-w_{s,t}) |r|^2 + w_{s,t}, "
+        "w a small network of (s, t) trained with the map (flowspec.weighting)")
 
 
 @dataclass
@@ -65,6 +72,14 @@ class LossOutput:
 def squared_norm(r: torch.Tensor) -> torch.Tensor:
     """|r|^2 per sample: (B, ...) -> (B,), summed over all non-batch dimensions."""
     return r.pow(2).flatten(1).sum(1)
+
+
+def adaptive(per: torch.Tensor, power: float, eps: float) -> torch.Tensor:
+    """MeanFlow's adaptive weighting (arXiv 2505.13447): sg(1 / (per + eps)^power) * per, (B,) -> (B,).
+    With power = 1 the loss behaves like sum |r|^2 / (|r|^2 + eps), a robust (Cauchy-like) loss."""
+    if power == 0:
+        return per
+    return per / (per.detach() + eps).pow(power)
 
 
 class Objective:
@@ -132,6 +147,16 @@ class Objective:
         with torch.no_grad():
             return teacher.velocity(t, x.detach())
 
+    def _weigh(self, flow_map: FlowMap, s: torch.Tensor, t: torch.Tensor, per: torch.Tensor) -> torch.Tensor:
+        """Per-sample terms after the optional adaptive (MeanFlow) and learned (log-variance) weights."""
+        o = self.options
+        per = adaptive(per, o.adaptive_weight, o.adaptive_eps)
+        log_weight = getattr(flow_map, "log_weight", None)
+        if o.learned_weight and log_weight is not None:
+            w = log_weight(s, t)
+            per = torch.exp(-w) * per + w
+        return per
+
     def sample_times(self, n: int, device, dtype, generator: torch.Generator | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(s, t, n_diag): the first n_diag = round(eta n) pairs have s = t ~ U[0,1]; the rest are
@@ -161,14 +186,14 @@ class Objective:
             td = t[:n_diag]
             it, dit = interpolant.interpolate(td, x0[:n_diag], x1[:n_diag])
             per = squared_norm(flow_map.velocity(td, it) - dit)
-            total = total + per.sum()
+            total = total + self._weigh(flow_map, td, td, per).sum()
             logs["diagonal"] = per.detach().mean()
         if n_diag < n:
             so, to = s[n_diag:], t[n_diag:]
             xs, dxs = interpolant.interpolate(so, x0[n_diag:], x1[n_diag:])
             self.generator = batch.generator
             per = self.penalty(self.residual(flow_map, teacher, so, to, xs, dxs))
-            total = total + per.sum()
+            total = total + self._weigh(flow_map, so, to, per).sum()
             logs["distill"] = per.detach().mean()
         loss = total / n
         logs["loss"] = loss.detach()

@@ -1,0 +1,48 @@
+"""Flow map matching, the direct two-sided objective (arXiv 2406.07507; MATH.md, "Losses").
+
+Over (s, t) in [0, 1]^2 (both orders: the map is learned forward and backward), with x = I_s and its
+tangent dI_s/ds from the same interpolant sample (target = "conditional"):
+
+    y = X_{s,t}(I_s)                                       (to t and ...)
+    (z, dz/dr) = jvp(r -> X_{t,r}(y), primal r = s, tangent 1)   (... back to s, derivative in the end time)
+    r = ( dz/dr - dI_s/ds ,  z - I_s )                    |r|^2 = both squared terms
+
+The first term is the Lagrangian condition with the conditional velocity as target, the second makes
+X_{t,s} the inverse of X_{s,t}. No stop-gradient: the gradient flows through both maps. The diagonal
+(eta of the batch) is flow matching as for every objective; the off-diagonal pairs are two independent
+uniforms (not sorted). Cost: 2 + C forward passes per off-diagonal sample.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from flowspec.jvp import jvp
+from flowspec.objectives.base import Objective, ObjectiveOptions
+
+
+class FlowMapMatchingOptions(ObjectiveOptions):
+    target: Literal["conditional"] = Field(
+        "conditional", description="flow map matching regresses on the conditional tangent dI_s/ds")
+
+
+class FlowMapMatching(Objective):
+    Options = FlowMapMatchingOptions
+    characterization = "fmm"
+    targets = ("conditional",)
+    cost = "2 + C"
+
+    def sample_times(self, n, device, dtype, generator=None):
+        """(s, t, n_diag): n_diag = round(eta n) diagonal pairs, then (s, t) uniform on [0, 1]^2."""
+        n_diag = int(round(self.options.diagonal_fraction * n))
+        t_diag = torch.rand(n_diag, device=device, dtype=dtype, generator=generator)
+        pair = torch.rand(n - n_diag, 2, device=device, dtype=dtype, generator=generator)
+        return torch.cat([t_diag, pair[:, 0]]), torch.cat([t_diag, pair[:, 1]]), n_diag
+
+    def residual(self, flow_map, teacher, s, t, x, dx):
+        y = flow_map(s, t, x)
+        z, dz = jvp(lambda r: flow_map(t, r, y), (s,), (torch.ones_like(s),), strategy=self.options.jvp)
+        return torch.stack([dz - dx.detach(), z - x.detach()], dim=1)
