@@ -123,13 +123,6 @@ def method_name(objective) -> str:
     return names.get((objective.characterization, o.target), f"{objective.characterization} ({o.target})")
 
 
-def step_cost(objective, batch: int, c: float = 1.5) -> float:
-    """MATH.md's cost model: ((1 - eta) c_D + eta) B forward passes, C = cost of a jvp."""
-    eta = objective.options.diagonal_fraction
-    c_d = eval(str(objective.cost), {"__builtins__": {}}, {"C": c})
-    return ((1 - eta) * c_d + eta) * batch
-
-
 def describe(graph) -> str:
     return (f"{method_name(graph.objective)}, {graph.parameter_count():,} parameters, "
             f"device {graph.device}")
@@ -154,9 +147,8 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
         f"  device            {g.device}",
         f"  optimizer         {s.train.optimizer}, lr {s.train.lr} ({s.train.schedule}), clip {s.train.grad_clip}, "
         f"EMA {s.train.ema}, {s.train.steps} steps of batch {s.train.batch_size}",
-        f"  cost per step     ((1 - eta) c_D + eta) B with c_D = {obj.cost}, C = 1.5: "
-        f"~{step_cost(obj, s.train.batch_size):,.0f} forward passes "
-        f"({step_cost(obj, s.train.batch_size) / s.train.batch_size:.2f} x flow matching)",
+        f"  cost per step     ((1 - eta) c_D + eta) B with c_D = {obj.cost_formula()}, C = 1.5: "
+        f"~{obj.step_cost() * s.train.batch_size:,.0f} forward passes ({obj.step_cost():.2f} x flow matching)",
         f"  evaluation        K in {s.eval.steps}, {s.eval.num_samples} samples, metrics {', '.join(s.eval.metrics)}",
     ]
     if len(doc) > 1:

@@ -95,6 +95,8 @@ def test_explain_names_the_method_and_cost(tiny_spec):
     assert "c_D = 3" in proc.stdout and "1.50 x flow matching" in proc.stdout
     lsd = flowspec("explain", tiny_spec("lagrangian")).stdout
     assert "LSD" in lsd and "c_D = 1 + C" in lsd and "1.38 x flow matching" in lsd
+    esd = flowspec("explain", tiny_spec("eulerian")).stdout
+    assert "c_D = 1 + 2C" in esd and "1.00 x flow matching" not in esd
 
 
 def test_plugins_lists_builtins_with_distribution():

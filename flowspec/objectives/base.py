@@ -96,13 +96,14 @@ class Objective:
         characterization: the name a spec uses (``[objective] characterization = ...``).
         targets: the distillation targets it supports ("self", "teacher", "conditional");
             ``flowspec.testing.check_objective`` checks each of them.
-        cost: forward passes per off-diagonal sample, by MATH.md's cost model (C = jvp cost).
+        cost: (forwards, jvps) per off-diagonal sample, MATH.md's cost model: c_D = forwards + jvps C,
+            C the cost of a jvp in forward passes. Counts every network pass, with or without grad.
     """
 
     Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
     characterization: ClassVar[str] = ""
     targets: ClassVar[tuple[str, ...]] = ("self",)
-    cost: ClassVar[str] = "1"
+    cost: ClassVar[tuple[int, int]] = (1, 0)
 
     def __init__(self, options: ObjectiveOptions | None = None):
         self.options = options if options is not None else self.Options()
@@ -137,6 +138,19 @@ class Objective:
         return squared_norm(r)
 
     # -- shared machinery -----------------------------------------------------------------------
+    def step_cost(self, c: float = 1.5) -> float:
+        """A training step's cost in flow-matching steps, MATH.md's model: (1 - eta) c_D + eta with
+        c_D = forwards + jvps C per off-diagonal sample (a diagonal sample costs 1)."""
+        forwards, jvps = self.cost
+        eta = self.options.diagonal_fraction
+        return (1 - eta) * (forwards + jvps * c) + eta
+
+    def cost_formula(self) -> str:
+        """c_D in MATH.md's notation: "3", "1 + C", "1 + 2C"."""
+        forwards, jvps = self.cost
+        terms = ([str(forwards)] if forwards or not jvps else []) + ([f"{jvps if jvps > 1 else ''}C"] if jvps else [])
+        return " + ".join(terms)
+
     def target_velocity(self, teacher: Teacher, t: torch.Tensor, x: torch.Tensor,
                         dx: torch.Tensor | None = None) -> torch.Tensor:
         """b-hat_t(x) under stop-gradient: the teacher's velocity, or dx for target = conditional."""

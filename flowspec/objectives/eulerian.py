@@ -40,7 +40,13 @@ class Eulerian(Objective):
     Options = EulerianOptions
     characterization = "eulerian"
     targets = ("self", "teacher", "conditional")
-    cost = "1 + C"
+
+    @property
+    def cost(self) -> tuple[int, int]:  # type: ignore[override]
+        """stop_gradient = none: one augmented jvp over (s, x) (1 + C, or C with the conditional target).
+        full: the advective term is a second, gradient-free jvp in x (1 + 2C, or 2C)."""
+        teacher = 0 if self.options.target == "conditional" else 1
+        return (teacher, 1 if self.options.stop_gradient == "none" else 2)
 
     def residual(self, flow_map, teacher, s, t, x, dx):
         b = self.target_velocity(teacher, s, x, dx)

@@ -21,7 +21,7 @@ class FlowMatching(Objective):
     Options = FlowMatchingOptions
     characterization = "flow_matching"
     targets = ("self",)
-    cost = "0"
+    cost = (0, 0)
 
     def residual(self, flow_map, teacher, s, t, x, dx):  # never called: every sample is diagonal
         raise AssertionError("flow matching has no off-diagonal samples")

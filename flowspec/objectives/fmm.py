@@ -33,7 +33,7 @@ class FlowMapMatching(Objective):
     Options = FlowMapMatchingOptions
     characterization = "fmm"
     targets = ("conditional",)
-    cost = "2 + C"
+    cost = (2, 1)
 
     def sample_times(self, n, device, dtype, generator=None):
         """(s, t, n_diag): n_diag = round(eta n) diagonal pairs, then (s, t) uniform on [0, 1]^2."""

@@ -19,7 +19,7 @@ from flowspec.objectives.base import Objective
 class Lagrangian(Objective):
     characterization = "lagrangian"
     targets = ("self", "teacher")
-    cost = "1 + C"
+    cost = (1, 1)
 
     def residual(self, flow_map, teacher, s, t, x, dx):
         X, dX_dt = jvp(lambda tt: flow_map(s, tt, x), (t,), (torch.ones_like(t),),

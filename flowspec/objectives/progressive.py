@@ -30,7 +30,7 @@ class Progressive(Objective):
     Options = ProgressiveOptions
     characterization = "progressive"
     targets = ("self", "teacher")
-    cost = "3"
+    cost = (3, 0)
 
     def split(self, s: torch.Tensor) -> torch.Tensor:
         """gamma, shape (B,)."""

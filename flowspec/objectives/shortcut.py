@@ -32,7 +32,7 @@ class Shortcut(Progressive):
     Options = ShortcutOptions
     characterization = "shortcut"
     targets = ("self", "teacher")
-    cost = "3"
+    cost = (3, 0)
 
     def sample_times(self, n, device, dtype, generator=None):
         """(s, t, n_diag): n_diag = round(eta n) diagonal pairs s = t ~ U[0, 1], then dyadic pairs

@@ -30,7 +30,7 @@ class HuberLagrangian(Lagrangian):
     Options = HuberLagrangianOptions
     characterization = "lagrangian_huber"
     targets = ("self", "teacher")
-    cost = "1 + C"
+    cost = (1, 1)
 
     def penalty(self, r: torch.Tensor) -> torch.Tensor:
         """sqrt(|r|^2 + c^2) - c per sample, (B, ...) -> (B,); written as |r|^2 / (sqrt(|r|^2 + c^2) + c)
