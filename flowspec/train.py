@@ -180,6 +180,7 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
         with progress, SignalStop() as stop:
             task = progress.add_task(spec.name, total=o.steps, completed=graph.step_count, loss="-", rate="-")
             window_start, window_steps, t0 = time.perf_counter(), 0, time.perf_counter()
+            last_line = t0  # without a terminal (batch jobs, CI): a plain line every 30 s instead of the bar
             while graph.step_count < o.steps:
                 out = graph.step()
                 window_steps += 1
@@ -198,8 +199,12 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
                     if o.nonfinite == "skip":
                         record["nonfinite_skipped"] = graph.counters.get("nonfinite_skipped", 0)
                     write(record)
-                    progress.update(task, loss=f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
-                                    rate=f"{rate:.1f}")
+                    loss = f"{record['loss']:.4f}" if record["loss"] is not None else "nan"
+                    progress.update(task, loss=loss, rate=f"{rate:.1f}")
+                    if not console.is_terminal and (now - last_line >= 30 or k == o.steps):
+                        console.print(f"{spec.name}: step {k}/{o.steps}, loss {loss}, {rate:.1f} it/s, "
+                                      f"{now - t0:.0f} s", highlight=False, soft_wrap=True)
+                        last_line = now
                     window_start, window_steps = now, 0
                 progress.update(task, completed=k)
                 # evaluation before the checkpoint: a checkpoint at step k implies every record of step k

@@ -27,6 +27,8 @@ def run_dir(tmp_path_factory):
     proc = flowspec("run", spec, "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == str(out)
+    # no terminal: a plain progress line instead of the bar (at least the last step's)
+    assert "tiny: step 6/6, loss " in proc.stderr, proc.stderr
     return out
 
 

@@ -58,12 +58,28 @@ def test_shortcut_times_are_dyadic_and_ordered():
 
 def test_shortcut_is_zero_at_the_exact_map_and_positive_off_it():
     oracle = GaussianOracle(Trig(), torch.tensor([0.5, 2.0]), 0.7, c=1.3)
-    obj = Shortcut()
+    obj = Shortcut(Shortcut.Options(anchor=False))
     b = batch(oracle, 256, 3)
     exact = ExactFlowMap(oracle)
     assert obj(exact, Trig(), SelfTeacher(exact), b).logs["distill"] < 1e-20
     bad = ExactFlowMap(oracle, eps=0.5)
     assert obj(bad, Trig(), SelfTeacher(bad), batch(oracle, 256, 3)).logs["distill"] > 1e-4
+
+
+def test_anchored_shortcut_finest_target_is_two_euler_steps_of_the_diagonal():
+    oracle = GaussianOracle(Trig(), torch.tensor([0.5, 2.0]), 0.7, c=1.3)
+    obj = Shortcut(Shortcut.Options(levels=3))  # finest h = 1/4
+    exact = ExactFlowMap(oracle)
+    s = torch.tensor([0.0, 0.25, 0.5, 0.0], dtype=F64)
+    t = torch.tensor([0.25, 0.5, 1.0, 1.0], dtype=F64)
+    x = oracle.sample_base(4, torch.Generator().manual_seed(0))
+    r = obj.residual(exact, SelfTeacher(exact), s, t, x, None)
+    u, b = (s + t) / 2, oracle.velocity
+    x_u = x + (u - s)[:, None] * b(s, x)
+    euler = (b(s, x) + b(u, x_u)) / 2
+    torch.testing.assert_close(r[:2], exact.v(s, t, x)[:2] - euler[:2])  # finest: the Euler bias
+    assert r[:2].abs().max() > 1e-4
+    assert r[2:].abs().max() < 1e-10  # coarser levels: exact
 
 
 def test_fmm_inverse_term_vanishes_and_exact_map_beats_a_perturbed_one():

@@ -40,7 +40,8 @@ BUILTINS = Registry(builtins_only=True)
 @pytest.mark.parametrize("name", BUILTINS.names("objectives"))
 def test_builtin_objectives_pass_check_objective(name):
     cls = BUILTINS.get("objectives", name)
-    checked = check_objective(cls)
+    # the anchored shortcut is biased by design at its finest level (tests/test_schemes.py)
+    checked = check_objective(cls(cls.Options(anchor=False)) if name == "shortcut" else cls)
     # every declared target, 4 default oracles, float32 and float64
     assert len(checked) == len(cls.targets) * 4 * 2
 
