@@ -208,7 +208,8 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
         from flowspec.weighting import LogVarianceWeight
 
         log_weight = LogVarianceWeight()
-    model = FlowMap(net, log_weight=log_weight).to(device)
+    # image networks carry their preconditioning c: X = x + (t - s) c net(x / c, s, t)
+    model = FlowMap(net, scale=getattr(net, "scale", 1.0), log_weight=log_weight).to(device)
     ema = EMA(model, o.ema)
     teacher = SelfTeacher(ema.model if objective.options.ema_target else model)
     exact = exact_velocity(dataset, interpolant, c)
