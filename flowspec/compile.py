@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from flowspec.data.base import Dataset
 from flowspec.errors import UserError
@@ -231,12 +231,24 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
     metrics = {}
     probe = dataset.sample(16, torch.Generator().manual_seed(0))
     for name in spec.eval.metrics:
-        metric = registry.get("metrics", name)()
+        cls = registry.get("metrics", name)
         try:
-            metric(probe, dataset, torch.Generator().manual_seed(0))
+            metric = cls(cls.Options(**spec.eval.metric_options.get(name, {})))
+        except ValidationError as exc:
+            e = exc.errors(include_url=False)[0]
+            key = ".".join(str(p) for p in e["loc"])
+            raise UserError(f"eval.metric_options.{name}.{key}: {e['msg']} "
+                            f"(valid keys: {', '.join(cls.Options.model_fields) or 'none'})") from None
+        try:
+            check = getattr(metric, "check", None)  # a cheap availability check, else a probe call
+            check(dataset) if check is not None else metric(probe, dataset, torch.Generator().manual_seed(0))
         except ValueError as exc:  # MetricUnavailable
             raise UserError(f"eval.metrics: {exc}") from None
         metrics[name] = metric
+    for name in spec.eval.metric_options:
+        if name not in spec.eval.metrics:
+            raise UserError(f"eval.metric_options.{name}: {name} is not in eval.metrics "
+                            f"(valid: {', '.join(spec.eval.metrics)})")
 
     return TrainingGraph(spec=spec, dataset=dataset, interpolant=interpolant, base=base,
                          model=model, ema=ema, objective=objective, teacher=teacher,

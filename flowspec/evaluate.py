@@ -136,11 +136,16 @@ def evaluate_baselines(graph, out_dir: Path | None = None) -> dict:
 
 
 def plot(x: torch.Tensor, dataset, path: Path, title: str, max_points: int = 20_000) -> None:
-    """Scatter of the first two coordinates over the dataset's bounding box."""
+    """Scatter of the first two coordinates over the dataset's bounding box; for images (N, C, H, W)
+    a grid of the first 64, clipped from [-1, 1]."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    if x.ndim == 4:
+        plot_grid(x, path, title)
+        return
 
     pts = x.reshape(x.shape[0], -1)[:max_points, :2].numpy()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
@@ -150,6 +155,36 @@ def plot(x: torch.Tensor, dataset, path: Path, title: str, max_points: int = 20_
         ax.set_xlim(*bounds[0])
         ax.set_ylim(*bounds[1])
     ax.set_aspect("equal")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def image_grid(x: torch.Tensor, columns: int = 8) -> np.ndarray:
+    """The first columns^2 images (N, C, H, W) in [-1, 1] as one (rows H, columns W, C) array in [0, 1]."""
+    x = ((x[: columns * columns].float().clamp(-1, 1) + 1) / 2).cpu()
+    n, c, h, w = x.shape
+    rows = -(-n // columns)
+    grid = torch.ones(c, rows * (h + 1) + 1, columns * (w + 1) + 1)
+    for i in range(n):
+        r, k = divmod(i, columns)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = x[i]
+    return grid.permute(1, 2, 0).numpy()
+
+
+def plot_grid(x: torch.Tensor, path: Path, title: str) -> None:
+    """Save an 8 x 8 grid of images (N, C, H, W) in [-1, 1] with a title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = image_grid(x)
+    fig, ax = plt.subplots(figsize=(5, 5.3), dpi=100)
+    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_axis_off()
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

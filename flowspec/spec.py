@@ -69,6 +69,8 @@ class EvalOptions(BaseModel):
     )
     num_samples: int = Field(64_000, ge=1, description="samples per K")
     metrics: list[str] = Field(["kl", "energy"], description="registered metric names")
+    metric_options: dict[str, dict[str, Any]] = Field(
+        {}, description='options of the metrics by name, e.g. {fid = {weights = "pt_inception-2015-12-05-6726825d.pth"}}')
     every: int = Field(0, ge=0, description="steps between evaluations during training (0: at the end only)")
     seed: int = Field(1234, ge=0, le=2**32 - 1, description="seed of the base samples shared by every K")
     plot: bool = Field(True, description="write samples/steps-K.png")
