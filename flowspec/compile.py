@@ -28,6 +28,10 @@ from flowspec.data.analytic import exact_velocity
 from flowspec.teachers import SelfTeacher, Teacher, load_run_teacher
 
 
+#: train.precision -> the dtype of the weights and the data (bf16 autocasts float32 weights)
+DTYPES = {"float32": torch.float32, "bf16": torch.float32, "float64": torch.float64}
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,7 +116,7 @@ class TrainingGraph:
     def batch(self, n: int) -> Batch:
         """x1 from the data stream (CPU generator), x0 from the base (device generator), on device.
         The graph owns both generators: two graphs never share random numbers."""
-        x1 = self.dataset.sample(n, self.data_generator).to(self.device)
+        x1 = self.dataset.sample(n, self.data_generator).to(self.device, DTYPES[self.spec.train.precision])
         x0 = self.base.sample(n, tuple(x1.shape[1:]), device=self.device, dtype=x1.dtype,
                               generator=self.generator)
         return Batch(x0=x0, x1=x1, generator=self.generator)
@@ -124,9 +128,10 @@ class TrainingGraph:
         counter still advance) and names the faulty term in ``last_fault``."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.objective(self.model, self.interpolant, self.teacher,
-                             self.batch(self.spec.train.batch_size))
-        out.loss.backward()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.train.precision == "bf16"):
+            out = self.objective(self.model, self.interpolant, self.teacher,
+                                 self.batch(self.spec.train.batch_size))
+        out.loss.float().backward()
         clip = self.spec.train.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -209,8 +214,10 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
 
         log_weight = LogVarianceWeight()
     # image networks carry their preconditioning c: X = x + (t - s) c net(x / c, s, t)
-    model = FlowMap(net, scale=getattr(net, "scale", 1.0), log_weight=log_weight).to(device)
+    model = FlowMap(net, scale=getattr(net, "scale", 1.0), log_weight=log_weight).to(device, DTYPES[o.precision])
     ema = EMA(model, o.ema)
+    if o.compile:
+        model.compile_network()
     teacher = SelfTeacher(ema.model if objective.options.ema_target else model)
     exact = exact_velocity(dataset, interpolant, c)
     if isinstance(frozen, _AnalyticPlaceholder):

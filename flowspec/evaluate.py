@@ -22,7 +22,8 @@ def base_samples(graph, n: int, seed: int) -> torch.Tensor:
     """n base samples x0 from a dedicated generator (the same x0 for every K and every run)."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *graph.dataset.shape), generator=g)
-    return (z * graph.base.scale.cpu()).to(graph.device)
+    dtype = next(graph.model.parameters()).dtype
+    return (z * graph.base.scale.cpu()).to(graph.device, dtype)
 
 
 @torch.no_grad()

@@ -54,6 +54,11 @@ class TrainOptions(BaseModel):
     checkpoint_every: int = Field(1000, ge=0, description="steps between checkpoints (0: at the end only)")
     log_every: int = Field(50, ge=1, description="steps between lines of metrics.jsonl")
     keep_checkpoints: int = Field(3, ge=0, description="newest checkpoints kept in the run folder (0: all)")
+    precision: Literal["float32", "bf16", "float64"] = Field(
+        "float32", description="float32; bf16: autocast to bfloat16 for the forward passes (weights, optimizer "
+        "and jvps stay float32); float64: the whole run in double precision (with objective.jvp = "
+        "\"finite_difference\", the float64 fallback for networks without forward-AD rules)")
+    compile: bool = Field(False, description="torch.compile the network's plain forward passes (jvps run eagerly)")
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a non-finite loss or gradient: stop the run (the last good checkpoint stays "
         "latest), or skip the step (no update; counted in metrics.jsonl as nonfinite_skipped)"
