@@ -32,12 +32,25 @@ from flowspec.teachers import SelfTeacher, Teacher, load_run_teacher
 DTYPES = {"float32": torch.float32, "bf16": torch.float32, "float64": torch.float64}
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The training device; with several processes on a machine, CUDA device local_rank (mod the count)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device: 'cuda' requested but no CUDA device is available (valid: auto, cpu)")
+    if name == "cuda":
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
+
+
+#: rank r's data and training generators are seeded with seed + 1 + r * RANK_STRIDE and
+#: seed + 2 + r * RANK_STRIDE (rank 0 draws what a single process draws)
+RANK_STRIDE = 1_000_003
+
+
+def rank_seeds(seed: int, rank: int) -> tuple[int, int]:
+    """(data seed, training seed) of rank ``rank``."""
+    return seed + 1 + rank * RANK_STRIDE, seed + 2 + rank * RANK_STRIDE
 
 
 def lr_factor(spec_train, step: int) -> float:
@@ -112,6 +125,13 @@ class TrainingGraph:
     last_grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     last_fault: str | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    #: this process's place in a data-parallel run (flowspec.distributed)
+    dist: Any = None
+
+    @property
+    def local_batch_size(self) -> int:
+        """B / W: the samples this process draws per step."""
+        return self.spec.train.batch_size // (self.dist.world_size if self.dist else 1)
 
     def batch(self, n: int) -> Batch:
         """x1 from the data stream (CPU generator), x0 from the base (device generator), on device.
@@ -130,8 +150,12 @@ class TrainingGraph:
         self.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.train.precision == "bf16"):
             out = self.objective(self.model, self.interpolant, self.teacher,
-                                 self.batch(self.spec.train.batch_size))
+                                 self.batch(self.local_batch_size))
         out.loss.float().backward()
+        if self.dist is not None and self.dist.enabled:  # the gradient of the combined batch's loss
+            from flowspec.distributed import average_gradients
+
+            average_gradients(self.model.parameters(), self.dist.world_size)
         clip = self.spec.train.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -184,9 +208,15 @@ def _frozen_teacher(spec: BaseModel, registry: Registry, dataset: Dataset, devic
 
 def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingGraph:
     """Build the TrainingGraph of a validated spec (see :func:`flowspec.spec.load_spec`)."""
+    from flowspec import distributed
+
     registry = registry or default_registry()
     o = spec.train
-    device = resolve_device(o.device)
+    ctx = distributed.current()
+    device = resolve_device(o.device, ctx.local_rank)
+    if o.batch_size % ctx.world_size:
+        raise UserError(f"train.batch_size: {o.batch_size} samples do not split evenly over {ctx.world_size} "
+                        f"processes (valid: a multiple of {ctx.world_size})")
     probe_data: Dataset = build(registry, "datasets", spec.data)
     frozen = _frozen_teacher(spec, registry, probe_data, device)
     torch.manual_seed(o.seed)
@@ -215,6 +245,8 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
         log_weight = LogVarianceWeight()
     # image networks carry their preconditioning c: X = x + (t - s) c net(x / c, s, t)
     model = FlowMap(net, scale=getattr(net, "scale", 1.0), log_weight=log_weight).to(device, DTYPES[o.precision])
+    if ctx.enabled:  # identical weights everywhere (the same seed gives them too; this makes sure)
+        distributed.broadcast_module(model)
     ema = EMA(model, o.ema)
     if o.compile:
         model.compile_network()
@@ -260,6 +292,6 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
     return TrainingGraph(spec=spec, dataset=dataset, interpolant=interpolant, base=base,
                          model=model, ema=ema, objective=objective, teacher=teacher,
                          optimizer=optimizer, scheduler=scheduler, metrics=metrics, device=device,
-                         exact=exact, frozen_teacher=frozen,
-                         data_generator=torch.Generator().manual_seed(o.seed + 1),
-                         generator=torch.Generator(device).manual_seed(o.seed + 2))
+                         exact=exact, frozen_teacher=frozen, dist=ctx,
+                         data_generator=torch.Generator().manual_seed(rank_seeds(o.seed, ctx.rank)[0]),
+                         generator=torch.Generator(device).manual_seed(rank_seeds(o.seed, ctx.rank)[1]))

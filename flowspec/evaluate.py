@@ -56,8 +56,22 @@ def _endpoint_error(x: torch.Tensor, truth: torch.Tensor | None, row: dict) -> N
         row["flow_map_error"] = float((x[: truth.shape[0]].double() - truth).pow(2).flatten(1).sum(1).mean())
 
 
+def sample_sharded(graph, x0: torch.Tensor, steps: int) -> torch.Tensor | None:
+    """K-step samples of every x0 (N, ...). In a data-parallel run rank r samples part r of
+    x0.tensor_split(W) and rank 0 gathers them (the others get None); else :func:`sample`."""
+    ctx = getattr(graph, "dist", None)
+    if ctx is None or not ctx.enabled:
+        return sample(graph.sampler(), x0, steps)
+    from flowspec import distributed
+
+    mine = sample(graph.sampler(), x0.tensor_split(ctx.world_size)[ctx.rank], steps)
+    return distributed.gather_rows(mine, x0.shape[0], graph.device)
+
+
 def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
     """Metric by K for the EMA flow map; writes samples/steps-K.{npy,png} when out_dir is given.
+    In a data-parallel run every rank samples its share and rank 0 alone computes the metrics
+    (the other ranks return {}).
 
     Returns:
         {str(K): {metric name: value, "flow_map_error" (analytic targets), "nfe": K,
@@ -65,12 +79,16 @@ def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
     """
     o = graph.spec.eval
     x0 = base_samples(graph, o.num_samples, o.seed)
-    truth = true_endpoints(graph, x0)
+    ctx = getattr(graph, "dist", None)
+    main = ctx is None or ctx.is_main
+    truth = true_endpoints(graph, x0) if main else None
     results: dict[str, dict[str, float]] = {}
     for k in o.steps:
         start = time.perf_counter()
-        x = sample(graph.sampler(), x0, k)
+        x = sample_sharded(graph, x0, k)
         seconds = time.perf_counter() - start
+        if x is None:
+            continue
         row = {name: float(metric(x, graph.dataset, torch.Generator().manual_seed(o.seed + 1)))
                for name, metric in graph.metrics.items()}
         _endpoint_error(x, truth, row)
