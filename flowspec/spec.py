@@ -434,4 +434,12 @@ def reference(registry: Registry | None = None) -> str:
     for section in ("train", "eval"):
         out += ["", f"## [{section}]", "", *_table(model.model_fields[section].annotation)]
     out += ["", "### [[eval.ode]] entries", "", *_table(ODEOptions)]
+    out += ["", "### eval.metric_options", "",
+            "Options of each metric in `eval.metrics`, as `metric_options = {NAME = {key = value}}`."]
+    for name in registry.names("metrics"):
+        cls = registry.get("metrics", name)
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        fields = cls.Options.model_fields
+        out += ["", f"#### {name}", "", f"{doc} ({registry.components('metrics')[name].distribution})", ""]
+        out += _table(cls.Options) if fields else ["No options."]
     return "\n".join(out).rstrip() + "\n"
