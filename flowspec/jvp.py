@@ -76,6 +76,8 @@ def jvp(
     primals, tangents = tuple(primals), tuple(tangents)
     if len(primals) != len(tangents):
         raise ValueError("jvp needs one tangent per primal")
+    # a tangent computed under autocast (a bf16 teacher velocity) takes its primal's dtype
+    tangents = tuple(u.to(p.dtype) if u.dtype != p.dtype else u for p, u in zip(primals, tangents))
     if strategy == "exact":
         with derivative_mode(exact=True):
             return torch.func.jvp(f, primals, tangents)

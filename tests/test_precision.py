@@ -79,6 +79,16 @@ def test_bf16_training_step_keeps_float32_weights():
     assert all(torch.isfinite(p).all() for p in g16.model.parameters())
 
 
+def test_bf16_steps_of_every_jvp_objective():
+    for objective in ({"characterization": "eulerian"}, {"characterization": "eulerian", "target": "conditional"},
+                      {"characterization": "lagrangian", "learned_weight": True}):
+        g = compile_spec(validate({**DIGITS, "objective": objective,
+                                   "train": {**DIGITS["train"], "precision": "bf16"}}))
+        out = g.step()
+        assert torch.isfinite(out.loss.detach()), objective
+        assert g.last_fault is None
+
+
 def test_float64_run_with_finite_differences():
     spec = validate({**DIGITS, "train": {**DIGITS["train"], "precision": "float64"},
                      "objective": {"characterization": "lagrangian", "jvp": "finite_difference"}})
