@@ -66,7 +66,10 @@ def backend(device_type: str) -> str:
 def init(device_type: str) -> Context:
     """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...) if not already."""
     if not dist.is_initialized():
-        dist.init_process_group(backend(device_type), timeout=datetime.timedelta(minutes=30))
+        chosen = backend(device_type)
+        if chosen == "nccl":  # each process on its own GPU before NCCL picks one
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group(chosen, timeout=datetime.timedelta(minutes=30))
     return current()
 
 

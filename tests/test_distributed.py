@@ -128,6 +128,7 @@ def test_flowspec_run_nproc_2_writes_one_folder_evaluates_sharded_and_resumes(tm
     # sharded evaluation: rank 0 gathered all 11 samples, equal to sampling the EMA in one process
     samples = np.load(run_dir / "samples" / "steps-2.npy")
     assert samples.shape == (11, 1, 8, 8)
+    assert (run_dir / "samples" / "steps-2.png").stat().st_size > 0  # the image grid
     from flowspec import checkpoint
     from flowspec.evaluate import base_samples, sample
 
