@@ -195,7 +195,8 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
         f"  data              {s.data.kind}, shape {tuple(g.dataset.shape)}",
         f"  interpolant       {s.interpolant.kind}; base x0 ~ N(0, c^2 I), c = {s.interpolant.base_scale}"
         + (f" = {[round(v, 4) for v in g.base.scale.flatten().tolist()]}" if s.interpolant.base_scale == "data_std" else ""),
-        f"  network           {s.network.kind}: {g.parameter_count():,} parameters; X = x + (t - s) v(s, t, x)",
+        f"  network           {s.network.kind}: {g.parameter_count():,} parameters; X = x + (t - s) v(s, t, x)"
+        + (f", v = {g.model.scale:g} net(x / {g.model.scale:g}, s, t)" if g.model.scale != 1.0 else ""),
         f"  device            {g.device}",
         f"  optimizer         {s.train.optimizer}, lr {s.train.lr} ({s.train.schedule}), clip {s.train.grad_clip}, "
         f"EMA {s.train.ema}, {s.train.steps} steps of batch {s.train.batch_size}",
