@@ -83,7 +83,7 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         run_dir = make_run_dir(s.name, runs_dir, out_dir, force)
         err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir}", soft_wrap=True)
     if ctx.enabled:  # one folder for all: rank 0's (its name has rank 0's timestamp)
-        run_dir = Path(distributed.broadcast_object(str(run_dir)))
+        run_dir = Path(distributed.broadcast_text(str(run_dir) if run_dir else None, graph.device))
     try:
         train(graph, run_dir, err)
     except BaseException:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 import torch.distributed as dist
@@ -135,11 +135,15 @@ def any_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
-def broadcast_object(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank (small picklable values such as the run folder's path)."""
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+def broadcast_text(text: str | None, device: torch.device) -> str:
+    """Rank 0's ``text`` on every rank (e.g. the run folder's path), as UTF-8 bytes (no pickling)."""
+    comm = _comm_device(device)
+    data = torch.tensor(list((text or "").encode()) if dist.get_rank() == 0 else [], dtype=torch.uint8)
+    size = torch.tensor([data.numel()], dtype=torch.int64, device=comm)
+    dist.broadcast(size, 0)
+    buf = data.to(comm) if dist.get_rank() == 0 else torch.empty(int(size.item()), dtype=torch.uint8, device=comm)
+    dist.broadcast(buf, 0)
+    return bytes(buf.cpu().tolist()).decode()
 
 
 def gather_rows(x: torch.Tensor, total: int, device: torch.device) -> torch.Tensor | None:

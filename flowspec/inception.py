@@ -1,6 +1,9 @@
 """Inception-v3 up to its 2048-d pool3 features, in the layout of the TF-FID network, so that the
 standard FID weights (pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``) load into it by name.
 
+Weights: flowspec never unpickles, so the .pth is converted once to safetensors by the user
+(docs/images-and-gpus.md); the tensor names stay the same.
+
 Input: images (N, 3, H, W) in [-1, 1]; they are resized to 299 x 299 (bilinear, no corner
 alignment). Output: (N, 2048), the global average of the last mixed block. Every convolution is
 conv (no bias) -> batch norm (eps 1e-3, running statistics) -> ReLU. The FID variant differs from
@@ -165,22 +168,26 @@ class InceptionV3Features(nn.Module):
 
 
 def load_inception(path: str | Path) -> InceptionV3Features:
-    """The feature network with weights from ``path``: a .pth state dict (read with
-    ``torch.load(weights_only=True)``: tensors only, no code) or a .safetensors file. The classifier
-    head (``fc.*``) is ignored; every other tensor must match by name and shape.
+    """The feature network with weights from ``path``, a .safetensors file holding pytorch-fid's
+    ``pt_inception-2015-12-05-6726825d.pth`` tensors under their names (converted once by the user,
+    docs/images-and-gpus.md gives the command).
+    The classifier head (``fc.*``) is ignored; every other tensor must match by name and shape.
 
     Raises:
-        FileNotFoundError: no such file. ValueError: the tensors do not match (names listed).
+        FileNotFoundError: no such file. ValueError: not safetensors, or the tensors do not match.
     """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(str(path))
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
+    try:
         state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, ValueError) as exc:
+        hint = (" (convert the .pth once to safetensors with the command in docs/images-and-gpus.md, \"Metrics\")"
+                if path.suffix in (".pth", ".pt") else "")
+        raise ValueError(f"{path}: not a safetensors file{hint}: {str(exc).splitlines()[0]}") from None
     state = {k: v for k, v in state.items() if not k.startswith(("fc.", "AuxLogits."))}
     net = InceptionV3Features()
     own = net.state_dict()

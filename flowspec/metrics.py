@@ -151,7 +151,7 @@ class DigitsFrechet(Metric):
 
 class FIDOptions(MetricOptions):
     weights: str = Field("", description="path of pytorch-fid's Inception weights pt_inception-2015-12-05-6726825d.pth "
-                         "(or the same tensors as .safetensors)")
+                         "converted to .safetensors (docs/images-and-gpus.md gives the one-line conversion)")
     batch_size: int = Field(100, gt=0, description="images per Inception forward pass")
     reference_samples: int = Field(50_000, ge=2, description="dataset images for the reference statistics")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the Inception network runs")
@@ -174,7 +174,8 @@ class FID(Metric):
         if not o.weights:
             raise MetricUnavailable(
                 "fid needs the Inception weights: download pt_inception-2015-12-05-6726825d.pth (pytorch-fid's "
-                "release) and set eval.metric_options.fid.weights = \"PATH\"")
+                "release), convert it to .safetensors (docs/images-and-gpus.md) and set "
+                "eval.metric_options.fid.weights = \"PATH\"")
         device = torch.device("cuda" if o.device == "auto" and torch.cuda.is_available() else
                               ("cpu" if o.device == "auto" else o.device))
         key = ("net", o.weights, str(device))
@@ -184,7 +185,7 @@ class FID(Metric):
             except FileNotFoundError:
                 raise MetricUnavailable(f"fid: eval.metric_options.fid.weights: {o.weights}: no such file "
                                         "(download pt_inception-2015-12-05-6726825d.pth from pytorch-fid's "
-                                        "releases)") from None
+                                        "releases and convert it to .safetensors)") from None
             except ValueError as exc:
                 raise MetricUnavailable(f"fid: eval.metric_options.fid.weights: {exc}") from None
         return self._cache[key], device

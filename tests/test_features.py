@@ -83,6 +83,9 @@ def test_inception_weights_load_by_standard_names(tmp_path):
     loaded = load_inception(tmp_path / "w.safetensors")
     out = loaded(torch.zeros(1, 3, 8, 8))
     assert out.shape == (1, 2048) and torch.isfinite(out).all() and (out >= 0).all()  # ReLU then mean
+    (tmp_path / "w.pth").write_bytes(b"\x80\x02}q\x00.")  # a pickle: refused, with the conversion
+    with pytest.raises(ValueError, match=r"w.pth: not a safetensors file \(convert the .pth once to safetensors with the command in docs/images-and-gpus.md"):
+        load_inception(tmp_path / "w.pth")
     del tensors["Mixed_6e.branch1x1.conv.weight"]
     save_file(tensors, str(tmp_path / "bad.safetensors"))
     with pytest.raises(ValueError, match="Mixed_6e.branch1x1.conv.weight"):
