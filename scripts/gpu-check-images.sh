@@ -4,12 +4,13 @@
 # Needs torch with CUDA, numpy, pydantic, typer, rich, safetensors, torchdiffeq, matplotlib,
 # scikit-learn; flowspec itself comes from this checkout (PYTHONPATH=.), its entry points from a
 # generated dist-info (no pip install needed).
-#   1. the CIFAR-10 LSD spec's first steps on CUDA in bf16 (random CIFAR-format data unless
-#      data/cifar-10-batches-bin exists), compile off;
-#   2. the same with torch.compile on, and the PSD-M spec with compile on;
-#   3. the bf16-autocast jvp against a float32 jvp on the spec's U-Net (attention at 16 x 16):
+#   1. the CIFAR-10 LSD and PSD-M specs' first steps on CUDA in bf16 (random CIFAR-format data
+#      unless data/cifar-10-batches-bin exists), compile off;
+#   2. the bf16-autocast jvp against a float32 jvp on the spec's U-Net (attention at 16 x 16):
 #      relative max error <= 1e-4 (TF32 off so that float32 is float32);
-#   4. a 2-process data-parallel step: flowspec run --nproc 2 (both ranks on the one GPU, gloo).
+#   3. 2-process data-parallel steps: flowspec run --nproc 2 (both ranks on the one GPU, gloo);
+#   4. the LSD spec's first steps with torch.compile on (last: compiling takes the longest).
+# Each check has its own timeout; a failing check is reported and the others still run.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gpu-check-images}"
@@ -69,13 +70,6 @@ COMMON=(--set "data.root=\"$CIFAR\"" --set 'eval.metrics=[]' --set 'eval.metric_
         --set eval.num_samples=64 --set 'eval.steps=[1,2]' --set train.checkpoint_every=0
         --set train.log_every=5 --set train.device=\"cuda\" --force)
 
-check lsd-bf16 120 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" \
-  --set train.steps=20 --set train.batch_size=128 --set train.compile=false --out "$OUT/run-lsd-bf16"
-check lsd-bf16-compile 200 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" \
-  --set train.steps=20 --set train.batch_size=128 --set train.compile=true --out "$OUT/run-lsd-compile"
-check psd-m-bf16-compile 150 python -m flowspec run specs/cifar10-psd-m.toml "${COMMON[@]}" \
-  --set train.steps=20 --set train.batch_size=128 --set train.compile=true --out "$OUT/run-psdm-compile"
-
 cat > "$OUT/jvp_check.py" <<'PY'
 """bf16-autocast jvp (flowspec.jvp: autocast off, math attention) vs a float32 jvp on the CIFAR U-Net."""
 import torch
@@ -117,15 +111,24 @@ print(f"bf16 forward pass vs float32: rel. max error {((fwd16.float() - X32).abs
 print(f"unguarded torch.func.jvp under autocast: {naive_err}")
 assert d16.dtype == torch.float32 and err <= 1e-4 and err_X <= 1e-4, "jvp under autocast is not float32"
 PY
-check jvp-bf16-vs-fp32 120 python "$OUT/jvp_check.py"
 
-check ddp-2proc 200 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" --nproc 2 \
+check lsd-bf16 90 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" \
+  --set train.steps=20 --set train.batch_size=128 --set train.compile=false --out "$OUT/run-lsd-bf16"
+check psd-m-bf16 90 python -m flowspec run specs/cifar10-psd-m.toml "${COMMON[@]}" \
+  --set train.steps=10 --set train.batch_size=128 --set train.compile=false --out "$OUT/run-psdm-bf16"
+check jvp-bf16-vs-fp32 90 python "$OUT/jvp_check.py"
+check ddp-2proc 150 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" --nproc 2 \
   --set train.steps=6 --set train.batch_size=64 --set train.compile=false --set train.checkpoint_every=3 \
   --out "$OUT/run-ddp"
+# last, as the slowest (inductor compiles the U-Net's forward and backward: a minute or two)
+check lsd-bf16-compile 240 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" \
+  --set train.steps=10 --set train.batch_size=128 --set train.compile=true --out "$OUT/run-lsd-compile"
+
+
 if [ -f "$OUT/run-ddp/metrics.jsonl" ]; then
   say "ddp metrics.jsonl: $(wc -l < "$OUT/run-ddp/metrics.jsonl") lines; world_size $(python -c "import json; print(json.load(open('$OUT/run-ddp/environment.json')).get('world_size'))")"
 fi
-for run in run-lsd-bf16 run-lsd-compile run-psdm-compile run-ddp; do
+for run in run-lsd-bf16 run-psdm-bf16 run-ddp run-lsd-compile; do
   if [ -f "$OUT/$run/metrics.jsonl" ]; then
     say "$run: $(grep -v '"eval"' "$OUT/$run/metrics.jsonl" | tail -n 1 | cut -c1-220)"
   fi
