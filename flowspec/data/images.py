@@ -69,11 +69,12 @@ class ImageDataset(Dataset):
         return x
 
     def std(self) -> torch.Tensor:
-        """Per-pixel standard deviation over the whole dataset, shape (C, H, W) (flips included)."""
+        """Per-pixel standard deviation of the sampling distribution (uniform over the images, flips
+        included), shape (C, H, W): the population std over the N images (divisor N, not N - 1)."""
         x = self.all().double()
         if self.options.flip:
             x = torch.cat([x, x.flip(-1)])
-        return x.std(dim=0).float()
+        return x.std(dim=0, correction=0).float()
 
 
 # -- scikit-learn's digits ---------------------------------------------------------------------------
