@@ -112,7 +112,13 @@ def save(graph, run_dir: Path, keep: int = 0) -> Path:
     """Write the graph's full training state as checkpoint step-N; returns the tensor file path.
 
     Order: tensors, then metadata (with the tensors' SHA-256), then the ``latest`` pointer; only
-    then are checkpoints beyond the newest ``keep`` removed (0 keeps all)."""
+    then are checkpoints beyond the newest ``keep`` removed (0 keeps all).
+
+    In a data-parallel run every rank calls this (their generator states are gathered: each rank
+    draws different samples); only rank 0 writes, and the others return None."""
+    ranks = _rank_generators(graph)
+    if ranks is None:
+        return None
     ckpt_dir = run_dir / "checkpoints"
     stem = f"step-{graph.step_count:08d}"
     tensors: dict[str, torch.Tensor] = {}
@@ -122,6 +128,7 @@ def save(graph, run_dir: Path, keep: int = 0) -> Path:
     tensors.update(opt_tensors)
     tensors["rng.data"] = graph.data_generator.get_state()
     tensors["rng.train"] = graph.generator.get_state()
+    tensors.update(ranks)
     rng_tensors, rng_meta = _global_rng()
     tensors.update(rng_tensors)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
@@ -129,7 +136,7 @@ def save(graph, run_dir: Path, keep: int = 0) -> Path:
     atomic_write(weights, lambda p: p.write_bytes(save_bytes(tensors)))
     meta = {"step": graph.step_count, "sha256": sha256(weights), "ema_updates": graph.ema.updates,
             "optimizer": opt_meta, "scheduler": graph.scheduler.state_dict(), "rng": rng_meta,
-            "counters": dict(graph.counters)}
+            "counters": dict(graph.counters), "world_size": _world(graph)}
     atomic_text(ckpt_dir / f"{stem}.json", json.dumps(meta, indent=1, default=str))
     atomic_text(ckpt_dir / "latest", stem + "\n")
     if keep:
@@ -139,6 +146,48 @@ def save(graph, run_dir: Path, keep: int = 0) -> Path:
 
 TEMPORARY = re.compile(r"^\.(step-\d+\.(json|safetensors)|latest|spec\.toml|metrics\.jsonl|eval\.json"
                        r"|environment\.json)\.[A-Za-z0-9_]+$")
+
+
+def _world(graph) -> int:
+    ctx = getattr(graph, "dist", None)
+    return ctx.world_size if ctx is not None else 1
+
+
+def _rank_generators(graph) -> dict[str, torch.Tensor] | None:
+    """Ranks 1..W-1's generator states as ``rng.{data,train}.rank{r}`` on rank 0 ({} for a single
+    process); None on the other ranks (they write nothing)."""
+    ctx = getattr(graph, "dist", None)
+    if ctx is None or not ctx.enabled:
+        return {}
+    from flowspec import distributed
+
+    data = distributed.gather_states(graph.data_generator.get_state(), graph.device)
+    train = distributed.gather_states(graph.generator.get_state(), graph.device)
+    if not ctx.is_main:
+        return None
+    out = {}
+    for r in range(1, ctx.world_size):
+        out[f"rng.data.rank{r}"], out[f"rng.train.rank{r}"] = data[r], train[r]
+    return out
+
+
+def _restore_generators(graph, tensors: dict[str, torch.Tensor], step: int) -> None:
+    """This rank's generator states; a rank the checkpoint has none for (the run was resumed with
+    more processes) gets generators seeded from its rank and the step."""
+    ctx = getattr(graph, "dist", None)
+    rank = ctx.rank if ctx is not None else 0
+    if rank == 0:
+        graph.data_generator.set_state(tensors["rng.data"])
+        graph.generator.set_state(tensors["rng.train"])
+    elif f"rng.data.rank{rank}" in tensors:
+        graph.data_generator.set_state(tensors[f"rng.data.rank{rank}"])
+        graph.generator.set_state(tensors[f"rng.train.rank{rank}"])
+    else:
+        from flowspec.compile import rank_seeds
+
+        data_seed, train_seed = rank_seeds(graph.spec.train.seed + 7919 * step, rank)
+        graph.data_generator.manual_seed(data_seed)
+        graph.generator.manual_seed(train_seed)
 
 
 def remove_temporaries(run_dir: Path) -> list[Path]:
@@ -279,8 +328,7 @@ def restore(graph, path: Path) -> dict:
     try:
         graph.optimizer.load_state_dict(_join_optimizer(tensors, meta["optimizer"]))
         graph.scheduler.load_state_dict(meta["scheduler"])
-        graph.data_generator.set_state(tensors["rng.data"])
-        graph.generator.set_state(tensors["rng.train"])
+        _restore_generators(graph, tensors, int(meta["step"]))
         _set_global_rng(tensors, meta["rng"])
         graph.step_count = int(meta["step"])
         graph.ema.updates = int(meta["ema_updates"])

@@ -59,10 +59,15 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         out_dir: Optional[Path] = typer.Option(None, "--out", help="exact run folder to create"),
         force: bool = typer.Option(False, "--force", help="overwrite an existing run folder"),
         resume: Optional[Path] = typer.Option(None, "--resume", help="continue this run folder from its "
-                                              "newest good checkpoint (only train.steps may change)")) -> None:
+                                              "newest good checkpoint (only train.steps may change)"),
+        nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this machine: "
+                                  "shortcut for torchrun --standalone --nproc_per_node N -m flowspec run ...")) -> None:
     """Train, evaluate and write a run folder (or continue one with --resume)."""
+    from flowspec import distributed
     from flowspec.train import make_run_dir, train
 
+    if nproc > 1 and not distributed.launched():
+        raise typer.Exit(launch(nproc, spec, set_, runs_dir, out_dir, force, resume))
     if resume is not None:
         if out_dir is not None or force:
             raise UserError("run: --resume continues RUN_DIR in place; --out and --force do not apply to it")
@@ -71,16 +76,59 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
     if spec is None:
         raise UserError("run: missing the spec file (usage: flowspec run SPEC, or flowspec run --resume RUN_DIR)")
     s = _load(spec, set_)
+    ctx = _join(s)
     graph = _compile(s, spec)
-    run_dir = make_run_dir(s.name, runs_dir, out_dir, force)
-    err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir}", soft_wrap=True)
+    run_dir = None
+    if ctx.is_main:
+        run_dir = make_run_dir(s.name, runs_dir, out_dir, force)
+        err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir}", soft_wrap=True)
+    if ctx.enabled:  # one folder for all: rank 0's (its name has rank 0's timestamp)
+        run_dir = Path(distributed.broadcast_text(str(run_dir) if run_dir else None, graph.device))
     try:
         train(graph, run_dir, err)
     except BaseException:
-        if not (run_dir / "metrics.jsonl").exists():  # it never started: leave nothing half-written
+        if ctx.is_main and not (run_dir / "metrics.jsonl").exists():  # it never started: leave nothing half-written
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
-    out.print(str(run_dir))
+    if ctx.is_main:
+        out.print(str(run_dir))
+
+
+def _join(s):
+    """Under torchrun (WORLD_SIZE > 1): join the process group; the context of this process."""
+    from flowspec import distributed
+
+    if not distributed.launched():
+        return distributed.current()
+    device = s.train.device
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.init(device)
+
+
+def launch(nproc: int, spec, overrides, runs_dir: Path, out_dir, force: bool, resume) -> int:
+    """``run --nproc N``: start N processes of ``flowspec run`` through torchrun on this machine
+    (standalone rendezvous); returns torchrun's exit status."""
+    import subprocess
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "flowspec", "run"]
+    if spec is not None:
+        args.append(str(spec))
+    for item in overrides or []:
+        args += ["--set", item]
+    args += ["--runs-dir", str(runs_dir)]
+    if out_dir is not None:
+        args += ["--out", str(out_dir)]
+    if force:
+        args.append("--force")
+    if resume is not None:
+        args += ["--resume", str(resume)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default too, said out loud
+    return subprocess.call(args, env=env)
 
 
 def run_resumed(run_dir: Path, spec: Optional[Path], overrides: Optional[List[str]]) -> None:
@@ -91,10 +139,14 @@ def run_resumed(run_dir: Path, spec: Optional[Path], overrides: Optional[List[st
         raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
     source = spec if spec is not None else run_dir / "spec.toml"
     s = _load(source, overrides)
+    ctx = _join(s)
     graph = resume(run_dir, s, str(source), warn, compile=lambda spec: _compile(spec, source))
-    err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir} (resumed at step {graph.step_count})", soft_wrap=True)
+    if ctx.is_main:
+        err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir} (resumed at step {graph.step_count})",
+                  soft_wrap=True)
     train(graph, run_dir, err, resumed=True)
-    out.print(str(run_dir))
+    if ctx.is_main:
+        out.print(str(run_dir))
 
 
 @app.command()
@@ -143,7 +195,8 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
         f"  data              {s.data.kind}, shape {tuple(g.dataset.shape)}",
         f"  interpolant       {s.interpolant.kind}; base x0 ~ N(0, c^2 I), c = {s.interpolant.base_scale}"
         + (f" = {[round(v, 4) for v in g.base.scale.flatten().tolist()]}" if s.interpolant.base_scale == "data_std" else ""),
-        f"  network           {s.network.kind}: {g.parameter_count():,} parameters; X = x + (t - s) v(s, t, x)",
+        f"  network           {s.network.kind}: {g.parameter_count():,} parameters; X = x + (t - s) v(s, t, x)"
+        + (f", v = {g.model.scale:g} net(x / {g.model.scale:g}, s, t)" if g.model.scale != 1.0 else ""),
         f"  device            {g.device}",
         f"  optimizer         {s.train.optimizer}, lr {s.train.lr} ({s.train.schedule}), clip {s.train.grad_clip}, "
         f"EMA {s.train.ema}, {s.train.steps} steps of batch {s.train.batch_size}",

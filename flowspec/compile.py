@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from flowspec.data.base import Dataset
 from flowspec.errors import UserError
@@ -28,12 +28,29 @@ from flowspec.data.analytic import exact_velocity
 from flowspec.teachers import SelfTeacher, Teacher, load_run_teacher
 
 
-def resolve_device(name: str) -> torch.device:
+#: train.precision -> the dtype of the weights and the data (bf16 autocasts float32 weights)
+DTYPES = {"float32": torch.float32, "bf16": torch.float32, "float64": torch.float64}
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """The training device; with several processes on a machine, CUDA device local_rank (mod the count)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("train.device: 'cuda' requested but no CUDA device is available (valid: auto, cpu)")
+    if name == "cuda":
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
+
+
+#: rank r's data and training generators are seeded with seed + 1 + r * RANK_STRIDE and
+#: seed + 2 + r * RANK_STRIDE (rank 0 draws what a single process draws)
+RANK_STRIDE = 1_000_003
+
+
+def rank_seeds(seed: int, rank: int) -> tuple[int, int]:
+    """(data seed, training seed) of rank ``rank``."""
+    return seed + 1 + rank * RANK_STRIDE, seed + 2 + rank * RANK_STRIDE
 
 
 def lr_factor(spec_train, step: int) -> float:
@@ -108,11 +125,18 @@ class TrainingGraph:
     last_grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     last_fault: str | None = None
     counters: dict[str, int] = field(default_factory=dict)
+    #: this process's place in a data-parallel run (flowspec.distributed)
+    dist: Any = None
+
+    @property
+    def local_batch_size(self) -> int:
+        """B / W: the samples this process draws per step."""
+        return self.spec.train.batch_size // (self.dist.world_size if self.dist else 1)
 
     def batch(self, n: int) -> Batch:
         """x1 from the data stream (CPU generator), x0 from the base (device generator), on device.
         The graph owns both generators: two graphs never share random numbers."""
-        x1 = self.dataset.sample(n, self.data_generator).to(self.device)
+        x1 = self.dataset.sample(n, self.data_generator).to(self.device, DTYPES[self.spec.train.precision])
         x0 = self.base.sample(n, tuple(x1.shape[1:]), device=self.device, dtype=x1.dtype,
                               generator=self.generator)
         return Batch(x0=x0, x1=x1, generator=self.generator)
@@ -124,9 +148,14 @@ class TrainingGraph:
         counter still advance) and names the faulty term in ``last_fault``."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.objective(self.model, self.interpolant, self.teacher,
-                             self.batch(self.spec.train.batch_size))
-        out.loss.backward()
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.spec.train.precision == "bf16"):
+            out = self.objective(self.model, self.interpolant, self.teacher,
+                                 self.batch(self.local_batch_size))
+        out.loss.float().backward()
+        if self.dist is not None and self.dist.enabled:  # the gradient of the combined batch's loss
+            from flowspec.distributed import average_gradients
+
+            average_gradients(self.model.parameters(), self.dist.world_size)
         clip = self.spec.train.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -179,9 +208,15 @@ def _frozen_teacher(spec: BaseModel, registry: Registry, dataset: Dataset, devic
 
 def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingGraph:
     """Build the TrainingGraph of a validated spec (see :func:`flowspec.spec.load_spec`)."""
+    from flowspec import distributed
+
     registry = registry or default_registry()
     o = spec.train
-    device = resolve_device(o.device)
+    ctx = distributed.current()
+    device = resolve_device(o.device, ctx.local_rank)
+    if o.batch_size % ctx.world_size:
+        raise UserError(f"train.batch_size: {o.batch_size} samples do not split evenly over {ctx.world_size} "
+                        f"processes (valid: a multiple of {ctx.world_size})")
     probe_data: Dataset = build(registry, "datasets", spec.data)
     frozen = _frozen_teacher(spec, registry, probe_data, device)
     torch.manual_seed(o.seed)
@@ -208,8 +243,13 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
         from flowspec.weighting import LogVarianceWeight
 
         log_weight = LogVarianceWeight()
-    model = FlowMap(net, log_weight=log_weight).to(device)
+    # image networks carry their preconditioning c: X = x + (t - s) c net(x / c, s, t)
+    model = FlowMap(net, scale=getattr(net, "scale", 1.0), log_weight=log_weight).to(device, DTYPES[o.precision])
+    if ctx.enabled:  # identical weights everywhere (the same seed gives them too; this makes sure)
+        distributed.broadcast_module(model)
     ema = EMA(model, o.ema)
+    if o.compile:
+        model.compile_network()
     teacher = SelfTeacher(ema.model if objective.options.ema_target else model)
     exact = exact_velocity(dataset, interpolant, c)
     if isinstance(frozen, _AnalyticPlaceholder):
@@ -230,16 +270,28 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
     metrics = {}
     probe = dataset.sample(16, torch.Generator().manual_seed(0))
     for name in spec.eval.metrics:
-        metric = registry.get("metrics", name)()
+        cls = registry.get("metrics", name)
         try:
-            metric(probe, dataset, torch.Generator().manual_seed(0))
+            metric = cls(cls.Options(**spec.eval.metric_options.get(name, {})))
+        except ValidationError as exc:
+            e = exc.errors(include_url=False)[0]
+            key = ".".join(str(p) for p in e["loc"])
+            raise UserError(f"eval.metric_options.{name}.{key}: {e['msg']} "
+                            f"(valid keys: {', '.join(cls.Options.model_fields) or 'none'})") from None
+        try:
+            check = getattr(metric, "check", None)  # a cheap availability check, else a probe call
+            check(dataset) if check is not None else metric(probe, dataset, torch.Generator().manual_seed(0))
         except ValueError as exc:  # MetricUnavailable
             raise UserError(f"eval.metrics: {exc}") from None
         metrics[name] = metric
+    for name in spec.eval.metric_options:
+        if name not in spec.eval.metrics:
+            raise UserError(f"eval.metric_options.{name}: {name} is not in eval.metrics "
+                            f"(valid: {', '.join(spec.eval.metrics)})")
 
     return TrainingGraph(spec=spec, dataset=dataset, interpolant=interpolant, base=base,
                          model=model, ema=ema, objective=objective, teacher=teacher,
                          optimizer=optimizer, scheduler=scheduler, metrics=metrics, device=device,
-                         exact=exact, frozen_teacher=frozen,
-                         data_generator=torch.Generator().manual_seed(o.seed + 1),
-                         generator=torch.Generator(device).manual_seed(o.seed + 2))
+                         exact=exact, frozen_teacher=frozen, dist=ctx,
+                         data_generator=torch.Generator().manual_seed(rank_seeds(o.seed, ctx.rank)[0]),
+                         generator=torch.Generator(device).manual_seed(rank_seeds(o.seed, ctx.rank)[1]))

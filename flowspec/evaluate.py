@@ -22,7 +22,8 @@ def base_samples(graph, n: int, seed: int) -> torch.Tensor:
     """n base samples x0 from a dedicated generator (the same x0 for every K and every run)."""
     g = torch.Generator().manual_seed(seed)
     z = torch.randn((n, *graph.dataset.shape), generator=g)
-    return (z * graph.base.scale.cpu()).to(graph.device)
+    dtype = next(graph.model.parameters()).dtype
+    return (z * graph.base.scale.cpu()).to(graph.device, dtype)
 
 
 @torch.no_grad()
@@ -55,8 +56,22 @@ def _endpoint_error(x: torch.Tensor, truth: torch.Tensor | None, row: dict) -> N
         row["flow_map_error"] = float((x[: truth.shape[0]].double() - truth).pow(2).flatten(1).sum(1).mean())
 
 
+def sample_sharded(graph, x0: torch.Tensor, steps: int) -> torch.Tensor | None:
+    """K-step samples of every x0 (N, ...). In a data-parallel run rank r samples part r of
+    x0.tensor_split(W) and rank 0 gathers them (the others get None); else :func:`sample`."""
+    ctx = getattr(graph, "dist", None)
+    if ctx is None or not ctx.enabled:
+        return sample(graph.sampler(), x0, steps)
+    from flowspec import distributed
+
+    mine = sample(graph.sampler(), x0.tensor_split(ctx.world_size)[ctx.rank], steps)
+    return distributed.gather_rows(mine, x0.shape[0], graph.device)
+
+
 def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
     """Metric by K for the EMA flow map; writes samples/steps-K.{npy,png} when out_dir is given.
+    In a data-parallel run every rank samples its share and rank 0 alone computes the metrics
+    (the other ranks return {}).
 
     Returns:
         {str(K): {metric name: value, "flow_map_error" (analytic targets), "nfe": K,
@@ -64,12 +79,16 @@ def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
     """
     o = graph.spec.eval
     x0 = base_samples(graph, o.num_samples, o.seed)
-    truth = true_endpoints(graph, x0)
+    ctx = getattr(graph, "dist", None)
+    main = ctx is None or ctx.is_main
+    truth = true_endpoints(graph, x0) if main else None
     results: dict[str, dict[str, float]] = {}
     for k in o.steps:
         start = time.perf_counter()
-        x = sample(graph.sampler(), x0, k)
+        x = sample_sharded(graph, x0, k)
         seconds = time.perf_counter() - start
+        if x is None:
+            continue
         row = {name: float(metric(x, graph.dataset, torch.Generator().manual_seed(o.seed + 1)))
                for name, metric in graph.metrics.items()}
         _endpoint_error(x, truth, row)
@@ -136,11 +155,16 @@ def evaluate_baselines(graph, out_dir: Path | None = None) -> dict:
 
 
 def plot(x: torch.Tensor, dataset, path: Path, title: str, max_points: int = 20_000) -> None:
-    """Scatter of the first two coordinates over the dataset's bounding box."""
+    """Scatter of the first two coordinates over the dataset's bounding box; for images (N, C, H, W)
+    a grid of the first 64, clipped from [-1, 1]."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    if x.ndim == 4:
+        plot_grid(x, path, title)
+        return
 
     pts = x.reshape(x.shape[0], -1)[:max_points, :2].numpy()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
@@ -150,6 +174,36 @@ def plot(x: torch.Tensor, dataset, path: Path, title: str, max_points: int = 20_
         ax.set_xlim(*bounds[0])
         ax.set_ylim(*bounds[1])
     ax.set_aspect("equal")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def image_grid(x: torch.Tensor, columns: int = 8) -> np.ndarray:
+    """The first columns^2 images (N, C, H, W) in [-1, 1] as one (rows H, columns W, C) array in [0, 1]."""
+    x = ((x[: columns * columns].float().clamp(-1, 1) + 1) / 2).cpu()
+    n, c, h, w = x.shape
+    rows = -(-n // columns)
+    grid = torch.ones(c, rows * (h + 1) + 1, columns * (w + 1) + 1)
+    for i in range(n):
+        r, k = divmod(i, columns)
+        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = x[i]
+    return grid.permute(1, 2, 0).numpy()
+
+
+def plot_grid(x: torch.Tensor, path: Path, title: str) -> None:
+    """Save an 8 x 8 grid of images (N, C, H, W) in [-1, 1] with a title."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = image_grid(x)
+    fig, ax = plt.subplots(figsize=(5, 5.3), dpi=100)
+    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_axis_off()
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
     fig.savefig(path)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flowspec import jvp
 from flowspec.interpolants import expand_as
 
 
@@ -27,13 +28,33 @@ class FlowMap(nn.Module):
         self.scale = float(scale)
         #: optional learned log-variance loss weight w_{s,t} (flowspec.weighting); not part of X
         self.log_weight = log_weight
+        # a torch.compile'd view of net for plain forward passes (not a submodule: the state dict
+        # and the EMA copy stay those of net); jvps use net itself (see compile_network)
+        object.__setattr__(self, "_compiled", None)
+
+    def compile_network(self, **options) -> None:
+        """Run plain forward passes through ``torch.compile(net, **options)``. Forward-mode jvps
+        (flowspec.jvp) keep using the eager network: compiled graphs are traced for plain
+        evaluation, and the jvp also needs autocast off and the math attention backend."""
+        object.__setattr__(self, "_compiled", torch.compile(self.net, **options))
+
+    def __deepcopy__(self, memo):
+        """A deep copy without the compiled view (the EMA copy runs eagerly unless compiled itself)."""
+        import copy
+
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            object.__setattr__(new, k, None if k == "_compiled" else copy.deepcopy(v, memo))
+        return new
 
     def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """v_{s,t}(x), shape of x; s, t of shape (B,)."""
         c = self.scale
+        net = self._compiled if self._compiled is not None and not jvp.active() else self.net
         if c == 1.0:
-            return self.net(x, s, t)
-        return c * self.net(x / c, s, t)
+            return net(x, s, t)
+        return c * net(x / c, s, t)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """X_{s,t}(x) = x + (t - s) v_{s,t}(x), shape of x."""

@@ -7,7 +7,7 @@ that does not apply to a dataset raises :class:`MetricUnavailable` with a one-li
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -109,3 +109,118 @@ class EnergyDistance(Metric):
                 d[rows, start + rows] = 0.0
             total += d.sum()
         return total
+
+
+# -- Fréchet distances on features (flowspec.features) -------------------------------------------------
+
+def _reference_images(dataset: Dataset, max_samples: int, generator: torch.Generator) -> torch.Tensor:
+    """The dataset's images for reference statistics: all of them (first max_samples) when the
+    dataset holds them in memory, else max_samples fresh samples."""
+    if hasattr(dataset, "all"):
+        return dataset.all()[:max_samples]
+    return dataset.sample(max_samples, generator)
+
+
+class DigitsFrechetOptions(MetricOptions):
+    pass
+
+
+class DigitsFrechet(Metric):
+    """Fréchet distance between the digits classifier's 64-d features of the samples and of all 1797
+    scikit-learn digits (flowspec.features): |mu_g - mu_d|^2 + tr(S_g + S_d - 2 (S_d^1/2 S_g S_d^1/2)^1/2).
+
+    Samples are clipped to [-1, 1] first (as images are before display). Needs data of shape
+    (1, 8, 8) in [-1, 1] (the ``digits`` dataset), else :class:`MetricUnavailable`. Zero for the data
+    itself; grows as the samples' feature distribution departs from the digits'.
+    """
+
+    Options = DigitsFrechetOptions
+
+    def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
+        if tuple(dataset.shape) != (1, 8, 8):
+            raise MetricUnavailable(f"digits_fd needs 8 x 8 digit images of shape (1, 8, 8); "
+                                    f"{type(dataset).__name__} has shape {tuple(dataset.shape)}")
+        from flowspec.features import frechet_distance, statistics, digits_classifier
+
+        model, _ = digits_classifier()
+        with torch.no_grad():
+            ref = statistics(model.features(_reference_images(dataset, 100_000, generator)))
+            gen = statistics(model.features(samples.float().clamp(-1, 1)))
+        return frechet_distance(*gen, *ref)
+
+
+class FIDOptions(MetricOptions):
+    weights: str = Field("", description="path of pytorch-fid's Inception weights pt_inception-2015-12-05-6726825d.pth "
+                         "converted to .safetensors (docs/images-and-gpus.md gives the one-line conversion)")
+    batch_size: int = Field(100, gt=0, description="images per Inception forward pass")
+    reference_samples: int = Field(50_000, ge=2, description="dataset images for the reference statistics")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the Inception network runs")
+
+
+class FID(Metric):
+    """Fréchet Inception distance: the Fréchet distance between Gaussians fitted to the 2048-d pool3
+    features of Inception-v3 (flowspec.inception, the standard TF-FID weights) of the samples and of
+    the dataset. Images in [-1, 1] are clipped, quantized to 8 bits as a saved PNG would be, resized
+    to 299 x 299 (bilinear) and gray images repeated to 3 channels. The reference statistics are
+    cached per dataset and weights file. Features are computed in batches with a progress bar."""
+
+    Options = FIDOptions
+    _cache: ClassVar[dict] = {}
+
+    def _network(self):
+        from flowspec.inception import load_inception
+
+        o = self.options
+        if not o.weights:
+            raise MetricUnavailable(
+                "fid needs the Inception weights: download pt_inception-2015-12-05-6726825d.pth (pytorch-fid's "
+                "release), convert it to .safetensors (docs/images-and-gpus.md) and set "
+                "eval.metric_options.fid.weights = \"PATH\"")
+        device = torch.device("cuda" if o.device == "auto" and torch.cuda.is_available() else
+                              ("cpu" if o.device == "auto" else o.device))
+        key = ("net", o.weights, str(device))
+        if key not in self._cache:
+            try:
+                self._cache[key] = load_inception(o.weights).to(device)
+            except FileNotFoundError:
+                raise MetricUnavailable(f"fid: eval.metric_options.fid.weights: {o.weights}: no such file "
+                                        "(download pt_inception-2015-12-05-6726825d.pth from pytorch-fid's "
+                                        "releases and convert it to .safetensors)") from None
+            except ValueError as exc:
+                raise MetricUnavailable(f"fid: eval.metric_options.fid.weights: {exc}") from None
+        return self._cache[key], device
+
+    def _features(self, net, device, images: torch.Tensor, what: str) -> torch.Tensor:
+        from flowspec.features import batched_features
+
+        def extract(x: torch.Tensor) -> torch.Tensor:
+            x = ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1  # the 8-bit image
+            if x.shape[1] == 1:
+                x = x.repeat(1, 3, 1, 1)
+            with torch.no_grad():
+                return net(x.to(device)).double().cpu()
+
+        return batched_features(extract, images, self.options.batch_size, f"FID features ({what})")
+
+    def check(self, dataset: Dataset) -> None:
+        """Raise :class:`MetricUnavailable` unless the dataset is images and the weights load."""
+        if len(dataset.shape) != 3 or dataset.shape[0] not in (1, 3):
+            raise MetricUnavailable(f"fid needs images with 1 or 3 channels; {type(dataset).__name__} "
+                                    f"has shape {tuple(dataset.shape)}")
+        self._network()
+
+    def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
+        if len(dataset.shape) != 3 or dataset.shape[0] not in (1, 3):
+            raise MetricUnavailable(f"fid needs images with 1 or 3 channels; {type(dataset).__name__} "
+                                    f"has shape {tuple(dataset.shape)}")
+        from flowspec.features import frechet_distance, statistics
+
+        net, device = self._network()
+        key = ("ref", self.options.weights, id(dataset), self.options.reference_samples)
+        if key not in self._cache:
+            ref = _reference_images(dataset, self.options.reference_samples, generator)
+            self._cache[key] = statistics(self._features(net, device, ref, "data"))
+        if samples.shape[0] < 2:
+            raise ValueError("fid needs at least 2 samples")
+        gen = statistics(self._features(net, device, samples, "samples"))
+        return frechet_distance(*gen, *self._cache[key])

@@ -54,6 +54,11 @@ class TrainOptions(BaseModel):
     checkpoint_every: int = Field(1000, ge=0, description="steps between checkpoints (0: at the end only)")
     log_every: int = Field(50, ge=1, description="steps between lines of metrics.jsonl")
     keep_checkpoints: int = Field(3, ge=0, description="newest checkpoints kept in the run folder (0: all)")
+    precision: Literal["float32", "bf16", "float64"] = Field(
+        "float32", description="float32; bf16: autocast to bfloat16 for the forward passes (weights, optimizer "
+        "and jvps stay float32); float64: the whole run in double precision (with objective.jvp = "
+        "\"finite_difference\", the float64 fallback for networks without forward-AD rules)")
+    compile: bool = Field(False, description="torch.compile the network's plain forward passes (jvps run eagerly)")
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a non-finite loss or gradient: stop the run (the last good checkpoint stays "
         "latest), or skip the step (no update; counted in metrics.jsonl as nonfinite_skipped)"
@@ -69,6 +74,8 @@ class EvalOptions(BaseModel):
     )
     num_samples: int = Field(64_000, ge=1, description="samples per K")
     metrics: list[str] = Field(["kl", "energy"], description="registered metric names")
+    metric_options: dict[str, dict[str, Any]] = Field(
+        {}, description='options of the metrics by name, e.g. {fid = {weights = "pt_inception-2015-12-05-6726825d.pth"}}')
     every: int = Field(0, ge=0, description="steps between evaluations during training (0: at the end only)")
     seed: int = Field(1234, ge=0, le=2**32 - 1, description="seed of the base samples shared by every K")
     plot: bool = Field(True, description="write samples/steps-K.png")
@@ -427,4 +434,12 @@ def reference(registry: Registry | None = None) -> str:
     for section in ("train", "eval"):
         out += ["", f"## [{section}]", "", *_table(model.model_fields[section].annotation)]
     out += ["", "### [[eval.ode]] entries", "", *_table(ODEOptions)]
+    out += ["", "### eval.metric_options", "",
+            "Options of each metric in `eval.metrics`, as `metric_options = {NAME = {key = value}}`."]
+    for name in registry.names("metrics"):
+        cls = registry.get("metrics", name)
+        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        fields = cls.Options.model_fields
+        out += ["", f"#### {name}", "", f"{doc} ({registry.components('metrics')[name].distribution})", ""]
+        out += _table(cls.Options) if fields else ["No options."]
     return "\n".join(out).rstrip() + "\n"

@@ -153,15 +153,29 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
     console = console or Console(stderr=True)
     spec = graph.spec
     o, ev = spec.train, spec.eval
-    checkpoint.atomic_text(run_dir / "spec.toml", to_toml(spec))
-    if not resumed or not (run_dir / "environment.json").exists():
-        checkpoint.atomic_text(run_dir / "environment.json", json.dumps(environment(graph), indent=1))
-    try:
-        log = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"{run_dir / 'metrics.jsonl'}: cannot write: {exc.strerror or exc}", exit_code=1) from None
+    ctx = graph.dist
+    main = ctx is None or ctx.is_main  # only rank 0 writes the run folder and prints
+    parallel = ctx is not None and ctx.enabled
+    if parallel:
+        from flowspec import distributed
+    if not main:
+        console = Console(stderr=True, quiet=True)
+    log = None
+    if main:
+        checkpoint.atomic_text(run_dir / "spec.toml", to_toml(spec))
+        if not resumed or not (run_dir / "environment.json").exists():
+            env = environment(graph)
+            if parallel:
+                env["world_size"] = ctx.world_size
+            checkpoint.atomic_text(run_dir / "environment.json", json.dumps(env, indent=1))
+        try:
+            log = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        except OSError as exc:
+            raise UserError(f"{run_dir / 'metrics.jsonl'}: cannot write: {exc.strerror or exc}", exit_code=1) from None
 
     def write(record: dict) -> None:
+        if log is None:
+            return
         try:
             log.write(json.dumps(record) + "\n")
             log.flush()
@@ -175,7 +189,7 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} it/s"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                        disable=not console.is_terminal)
+                        disable=not (main and console.is_terminal))
     try:
         with progress, SignalStop() as stop:
             task = progress.add_task(spec.name, total=o.steps, completed=graph.step_count, loss="-", rate="-")
@@ -190,6 +204,8 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
                         raise UserError(fault_message(graph, out, run_dir), exit_code=1)
                     graph.counters["nonfinite_skipped"] = graph.counters.get("nonfinite_skipped", 0) + 1
                 if k % o.log_every == 0 or k == o.steps:
+                    if parallel:  # the whole batch's loss terms: the mean over the ranks
+                        out.logs = distributed.all_mean(out.logs, graph.device)
                     now = time.perf_counter()
                     rate = window_steps / (now - window_start)
                     record = {"step": k, **{n: _finite(float(v)) for n, v in out.logs.items()},
@@ -213,21 +229,28 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
                 saved = bool(o.checkpoint_every and k % o.checkpoint_every == 0 and k < o.steps)
                 if saved:
                     save()
-                if stop.signum is not None:
+                signalled = stop.signum is not None
+                if parallel:  # every rank stops at the same step (a signal may reach them apart)
+                    signalled = distributed.any_flag(signalled, graph.device)
+                if signalled:
                     if not saved and k < o.steps:
                         save()
-                    name = signal.Signals(stop.signum).name
+                    signum = stop.signum or signal.SIGTERM
+                    name = signal.Signals(signum).name
                     raise UserError(f"{name}: stopped at step {k} with a checkpoint; resume with: "
-                                    f"flowspec run --resume {run_dir}", exit_code=128 + stop.signum)
+                                    f"flowspec run --resume {run_dir}", exit_code=128 + signum)
         save()
-        results = evaluate(graph, run_dir)
+        results = evaluate(graph, run_dir if main else None)
+        if not main:
+            return results
         extras = evaluate_baselines(graph, run_dir)
         write({"step": graph.step_count, "eval": results, **extras})
         checkpoint.atomic_text(run_dir / "eval.json", json.dumps(
             {"step": graph.step_count, "num_samples": ev.num_samples, "metrics": list(graph.metrics),
              "steps": results, **extras}, indent=1))
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     console.print(results_table({**results, **extras.get("ode", {})},
                                 f"{spec.name}: EMA flow map after {graph.step_count} steps"))
     if "flow_map_error" in extras:
@@ -278,7 +301,9 @@ def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGrap
         raise UserError(f"{source}: differs from the run's spec {stored_path} in {', '.join(diff)} "
                         "(only train.steps may change on resume)")
     graph = (compile or compile_spec)(spec)
-    checkpoint.remove_temporaries(run_dir)
+    main = graph.dist is None or graph.dist.is_main
+    if main:
+        checkpoint.remove_temporaries(run_dir)
     if checkpoint.stems(run_dir / "checkpoints"):
         path = checkpoint.latest(run_dir, warn)
         checkpoint.restore(graph, path)
@@ -287,6 +312,11 @@ def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGrap
     if graph.step_count > spec.train.steps:
         raise UserError(f"{source}: train.steps: {spec.train.steps} is below the checkpoint's step "
                         f"{graph.step_count} (valid: >= {graph.step_count})")
-    checkpoint.remove_after(run_dir / "checkpoints", graph.step_count)
-    truncate_metrics(run_dir, graph.step_count, final=graph.step_count >= spec.train.steps)
+    if graph.dist is not None and graph.dist.enabled:
+        from flowspec import distributed
+
+        distributed.barrier()  # every rank has read the checkpoint before rank 0 prunes
+    if main:
+        checkpoint.remove_after(run_dir / "checkpoints", graph.step_count)
+        truncate_metrics(run_dir, graph.step_count, final=graph.step_count >= spec.train.steps)
     return graph

@@ -156,9 +156,9 @@ CORPUS = [
     ("zero batch", ("batch_size = 64", "batch_size = 0"), "train.batch_size: must be greater than or equal to 1 (got 0)"),
     ("unknown key", ("[train]", "[train]\nlearning_rate = 1"), "train.learning_rate: unknown key (valid: steps, "
      "batch_size, optimizer, lr, schedule, warmup_steps, decay_start, grad_clip, ema, seed, device, "
-     "checkpoint_every, log_every, keep_checkpoints, nonfinite)"),
+     "checkpoint_every, log_every, keep_checkpoints, precision, compile, nonfinite)"),
     ("unknown dataset", ('kind = "checkerboard"', 'kind = "checkerbord"'),
-     "data.kind: unknown name 'checkerbord' (known: checkerboard, eight_gaussians, gaussian, gmm, moons)"),
+     "data.kind: unknown name 'checkerbord' (known: checkerboard, cifar10, digits, eight_gaussians, gaussian, gmm, image_folder, mnist, moons)"),
     ("base scale union", ('base_scale = "data_std"', 'base_scale = "big"'),
      "interpolant.base_scale: 'big' is not valid (valid: a number, data_std)"),
     ("negative base scale", ('base_scale = "data_std"', "base_scale = -1.0"),

@@ -167,12 +167,12 @@ def test_a_spec_naming_an_unknown_component(site):
 def test_a_failing_metric_is_named_in_eval_metrics(tmp_path, monkeypatch):
     root = tmp_path / "m"
     root.mkdir()
-    make_dist(root, "bad-metric", "0.1", {"flowspec.metrics": {"fid": "nomod_xyz:FID"}})
+    make_dist(root, "bad-metric", "0.1", {"flowspec.metrics": {"sharpness": "nomod_xyz:Sharpness"}})
     monkeypatch.syspath_prepend(str(root))
     reg = Registry(builtins_only=False)
-    lines = spec_errors(reg, eval={"metrics": ["kl", "fid"]})
-    assert lines == ["p.toml: eval.metrics.1: metric 'fid' from bad-metric 0.1 is unusable: failed to import "
-                     "nomod_xyz:FID: ModuleNotFoundError: No module named 'nomod_xyz'"]
+    lines = spec_errors(reg, eval={"metrics": ["kl", "sharpness"]})
+    assert lines == ["p.toml: eval.metrics.1: metric 'sharpness' from bad-metric 0.1 is unusable: failed to import "
+                     "nomod_xyz:Sharpness: ModuleNotFoundError: No module named 'nomod_xyz'"]
 
 
 def cli(*args, site: Path, **env):
@@ -205,12 +205,13 @@ def test_a_failing_plugin_in_a_one_member_group(tmp_path, monkeypatch):
     """networks has one usable member (mlp): pydantic reports a literal error, not a union tag."""
     root = tmp_path / "n"
     root.mkdir()
-    make_dist(root, "unet-plugin", "0.2", {"flowspec.networks": {"unet": "unet_mod:UNet"}},
-              {"unet_mod": "import flowspec_no_such_dependency\n"})
+    make_dist(root, "convnet-plugin", "0.2", {"flowspec.networks": {"convnet": "convnet_mod:ConvNet"}},
+              {"convnet_mod": "import flowspec_no_such_dependency\n"})
     monkeypatch.syspath_prepend(str(root))
     reg = Registry(builtins_only=False)
-    assert spec_errors(reg, network={"kind": "unet"}) == [
-        "p.toml: network.kind: network 'unet' from unet-plugin 0.2 is unusable: failed to import unet_mod:UNet: "
-        "ModuleNotFoundError: No module named 'flowspec_no_such_dependency'"]
+    del reg.components("networks")["unet"]  # the built-in U-Net aside, mlp is the one usable member
+    assert spec_errors(reg, network={"kind": "convnet"}) == [
+        "p.toml: network.kind: network 'convnet' from convnet-plugin 0.2 is unusable: failed to import "
+        "convnet_mod:ConvNet: ModuleNotFoundError: No module named 'flowspec_no_such_dependency'"]
     (line,) = spec_errors(reg, network={"kind": "resnet"})
     assert line == "p.toml: network.kind: 'resnet' is not valid (valid: mlp)"

@@ -50,7 +50,7 @@ def test_every_mistake_is_reported_once_per_line(tmp_path):
         '[data]\nkind = "checkerbord"\n'
         '[objective]\ncharacterization = "lagrangian"\ndiagonal_fraction = 1.5\nlr = 3\n'
         '[train]\noptimizer = "sgd"\nlr = -1\nsteps = "many"\n'
-        '[eval]\nsteps = []\nmetrics = ["fid"]\n'
+        '[eval]\nsteps = []\nmetrics = ["inception_score"]\n'
     )
     lines = errors_of(path)
     src = str(path)
@@ -63,7 +63,7 @@ def test_every_mistake_is_reported_once_per_line(tmp_path):
     assert f"{src}: train.lr: must be greater than 0 (got -1)" in lines
     assert any(l.startswith(f"{src}: train.steps: ") for l in lines)
     assert any(l.startswith(f"{src}: eval.steps: ") for l in lines)
-    assert any(l.startswith(f"{src}: eval.metrics.0: 'fid' is not valid (valid: ") for l in lines)
+    assert any(l.startswith(f"{src}: eval.metrics.0: 'inception_score' is not valid (valid: ") for l in lines)
     assert len(lines) == 8
 
 
