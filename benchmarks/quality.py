@@ -7,7 +7,7 @@ through the public API (load_spec, compile_spec, train). Flow maps are sampled w
 steps (NFE = K); the flow-matching baseline with Euler at the same K and dopri5 (NFE counted). Metrics:
 KL of a 50 x 50 histogram against the exact cell masses, and energy distance. The KL of as many exact
 data samples is reported as the estimator's floor at that sample count. Samples are saved per run
-(``quality-samples/<method>-seed<k>.npz``) so ``python -m benchmarks.verify`` can recompute the KL.
+(one ``quality-samples.npz`` beside the JSON, arrays named ``<method>-seed<k>/<row>``) so ``python -m benchmarks.verify`` can recompute the KL.
 
     python -m benchmarks.quality                         # default: 2 seeds x 5 methods, 400 steps, batch 512
     python -m benchmarks.quality --full --device cuda    # the paper's budget: 150k steps, batch 100k, 64k samples
@@ -50,7 +50,8 @@ def overrides(method: str, seed: int, steps: int, batch: int, num_samples: int, 
     return o
 
 
-def run_one(method: str, seed: int, a, device: torch.device, run_root: Path, samples_dir: Path) -> dict:
+def run_one(method: str, seed: int, a, device: torch.device, run_root: Path, samples: dict | None = None) -> dict:
+    """Train and evaluate one (method, seed); its samples go into ``samples`` as "<method>-seed<k>/<row>"."""
     ov = overrides(method, seed, a.steps, a.batch, a.num_samples, device, a.dopri_tol)
     spec = load_spec(SPECS / METHOD_SPECS[method], overrides=ov)
     graph = compile_spec(spec)
@@ -79,15 +80,14 @@ def run_one(method: str, seed: int, a, device: torch.device, run_root: Path, sam
             row = ev["steps"][str(k)]
             rows[f"K-{k}"] = {m: row[m] for m in METRICS} | {"nfe": k, "seconds": row["seconds"]}
             arrays[f"K-{k}"] = np.load(run_dir / "samples" / f"steps-{k}.npy")
-    samples_dir.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(samples_dir / f"{method}-seed{seed}.npz", **arrays)
+    if samples is not None:
+        samples.update({f"{method}-seed{seed}/{row}": x for row, x in arrays.items()})
     # the estimator's floor: exact data samples of the same count, same metric
     g = torch.Generator().manual_seed(10_000 + seed)
     data = graph.dataset.sample(a.num_samples, g)
     floor = {m: float(graph.metrics[m](data, graph.dataset, torch.Generator().manual_seed(1))) for m in METRICS}
     return {"method": method, "seed": seed, "overrides": ov, "train_seconds": seconds, "rows": rows,
-            "data_floor": floor, "run_dir": str(run_dir.relative_to(run_root.parent.parent.parent.parent))
-            if run_dir.is_relative_to(run_root.parent.parent.parent.parent) else str(run_dir)}
+            "data_floor": floor}
 
 
 def aggregate(runs: list[dict]) -> dict:
@@ -123,7 +123,9 @@ def main(argv=None) -> dict:
                    help="the paper's budget: 150k steps, batch 100k, 64k eval samples, 3 seeds (a GPU job)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/<cpu|gpu>/quality.json)")
+    p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/<cpu|gpu>/quality.json); "
+                   "the samples go beside it as <stem>-samples.npz")
+    p.add_argument("--runs-dir", default=None, help="run folders (default: runs/quality beside the JSON, git-ignored)")
     a = p.parse_args(argv)
     if a.full:
         a.steps, a.batch, a.num_samples, a.seeds = 150_000, 100_000, 64_000, max(a.seeds, 3)
@@ -131,19 +133,21 @@ def main(argv=None) -> dict:
     threads = setup_threads(a.threads)
     device = resolve_device(a.device)
     out = Path(a.out) if a.out else RESULTS / ("gpu" if device.type == "cuda" else "cpu") / "quality.json"
-    run_root = out.parent / "runs" / "quality"
-    samples_dir = out.parent / "quality-samples"
+    run_root = Path(a.runs_dir) if a.runs_dir else out.parent / "runs" / "quality"
+    samples_path = out.with_name(out.stem + "-samples.npz")
+    samples: dict = {}
     runs = []
     for seed in range(a.seeds):
         for method in a.methods.split(","):
-            r = run_one(method, seed, a, device, run_root, samples_dir)
+            r = run_one(method, seed, a, device, run_root, samples)
             runs.append(r)
             print(f"quality: {method} seed {seed}: trained in {r['train_seconds']:.0f} s", flush=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(samples_path, **samples)
     agg = aggregate(runs)
     config = {"methods": a.methods.split(","), "seeds": a.seeds, "steps": a.steps, "batch": a.batch,
               "num_samples": a.num_samples, "dopri_tol": a.dopri_tol, "full": a.full, "threads": threads,
-              "ks": KS, "metrics": METRICS, "samples_dir": str(samples_dir.relative_to(RESULTS.parent.parent))
-              if samples_dir.is_relative_to(RESULTS.parent.parent) else str(samples_dir)}
+              "ks": KS, "metrics": METRICS, "samples": samples_path.name, "runs_dir": str(run_root)}
     path = write_result(out, "quality", device, config, {"runs": runs, "aggregate": agg}, started)
     header = ["method"] + [f"K={k}" for k in KS] + ["dopri5 (NFE)"]
     rows = []

@@ -176,7 +176,7 @@ def quality_section(name: str, r: dict, plot: Path, docs: Path, verify: dict | N
         label = "FM + Euler" if m == "fm" else METHOD_LABELS[m]
         lines.append(f"| {label} | " + " | ".join(cell(agg, m, row, "energy") for row in rows) + " |")
     lines += ["", f"![metric against NFE]({plot.relative_to(docs).as_posix()})", "",
-              f"Samples of every run are in `{c['samples_dir']}/<method>-seed<k>.npz` (one array per row)."]
+              f"Samples of every run are in `{c['samples']}` beside the JSON (arrays `<method>-seed<k>/<row>`)."]
     if verify:
         lines += [f"`python -m benchmarks.verify` recomputed {verify['checked']} KL values from them with numpy "
                   f"alone (its own cell masses and histogram): largest difference {verify['max_abs_diff']:.1e}."]

@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
                                dopri_tol=1e-4)
         runs = RESULTS / sub / "runs" / "sampling"
         for m in (a.method, "fm"):
-            quality.run_one(m, 0, q, device, runs, RESULTS / sub / "runs" / "sampling-samples")
+            quality.run_one(m, 0, q, device, runs)
     fmap, fm = restore_run(runs / f"{a.method}-seed0", device), restore_run(runs / "fm-seed0", device)
     kl = fmap.metrics["kl"]
     x0 = base_samples(fmap, a.num_samples, fmap.spec.eval.seed)

@@ -51,18 +51,18 @@ def main(argv=None) -> dict:
     a = ap.parse_args(argv)
     path = Path(a.result)
     record = json.loads(path.read_text())
-    samples_dir = path.parent / "quality-samples"
+    npz = np.load(path.with_name(path.stem + "-samples.npz"))
     checks, worst = [], 0.0
     for run in record["results"]["runs"]:
-        npz = np.load(samples_dir / f"{run['method']}-seed{run['seed']}.npz")
         for row, vals in run["rows"].items():
             if "kl" not in vals:
                 continue
-            mine = kl(npz[row])
+            x = npz[f"{run['method']}-seed{run['seed']}/{row}"]
+            mine = kl(x)
             diff = abs(mine - vals["kl"])
             worst = max(worst, diff)
             checks.append({"method": run["method"], "seed": run["seed"], "row": row, "reported": vals["kl"],
-                           "recomputed": mine, "abs_diff": diff, "n": int(npz[row].shape[0])})
+                           "recomputed": mine, "abs_diff": diff, "n": int(x.shape[0])})
     result = {"source": str(path.relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path),
               "checked": len(checks), "max_abs_diff": worst, "checks": checks}
     out = Path(a.out) if a.out else path.parent / "verify.json"
