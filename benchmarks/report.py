@@ -71,6 +71,22 @@ def step_cost_section(name: str, r: dict) -> list[str]:
                      f"{r_['p75']:.3f}] | {v['loss_backward_ratio']['median']:.3f} | {v['cost_formula']} | "
                      f"{v['model_ratio_c1.5']:.3f} | {v['model_ratio_c_measured']:.3f} | "
                      f"{v['target'] if v['target'] else '-'} | {met} |")
+    missed = [v for v in res["methods"].values() if v["target"] is not None and not v["meets_target"]]
+    paper_setting = c["batch"] == 4096 and c["width"] == 512 and c["depth"] == 4
+    note = ("The issue's targets are for the paper's 4 x 512 MLP at batch 4096 with eta = 0.75"
+            + ("." if paper_setting else f"; this table is at {c['depth']} x {c['width']}, batch {c['batch']}."))
+    if missed:
+        note += " Missed: " + "; ".join(
+            f"{v['label']} (measured {v['ratio']['median']:.3f} against {v['target']}; cost model "
+            f"{v['model_ratio_c_measured']:.3f} with the measured C, {v['model_ratio_c1.5']:.3f} with C = 1.5)"
+            for v in missed) + "."
+        jvp_missed = [v for v in missed if "C" in v["cost_formula"]]
+        if jvp_missed and cm["median"] > 1.5:
+            note += (f" A jvp costs C = {cm['median']:.2f} forwards here, not the 1.5 the cost model assumes: "
+                     "that is what keeps " + ", ".join(v["label"] for v in jvp_missed) + " above target.")
+    else:
+        note += " Every target is met in this table."
+    lines += ["", note]
     return lines + [""]
 
 
@@ -126,9 +142,6 @@ def quality_plot(r: dict, path: Path, title: str) -> None:
         if metric == "kl":
             floor = agg["data"]["floor"]["kl"]["mean"]
             ax.axhline(floor, color="gray", lw=0.8, ls=":", label=f"exact samples ({r['config']['num_samples']})")
-            for m, vals in PAPER_TABLE1.items():
-                if m in r["config"]["methods"]:
-                    pass
         ax.set_xscale("log", base=2)
         ax.set_xlabel("NFE (network evaluations per sample)")
         ax.set_ylabel({"kl": "KL (50 x 50 histogram)", "energy": "energy distance"}[metric])
@@ -215,6 +228,16 @@ def main(argv=None) -> Path:
              f"on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; do not edit by hand. Each table states "
              "the command that produced it, so it can be rerun as written. CPU and GPU figures are kept in "
              "separate sections.", ""]
+    commands = []
+    for sub in DEVICES:
+        for name, r in load(results / sub).items():
+            if "command" in r:
+                commands.append(r["command"])
+            elif name == "verify":
+                commands.append(f"python -m benchmarks.verify {r['source']}")
+    lines += ["## Commands", "", "From the repository root, with `OMP_NUM_THREADS=1 MKL_NUM_THREADS=1` on a shared CPU "
+              "(the GPU figures come from `OUT=<folder> bash scripts/gpu-check-bench.sh`, whose JSON is copied into "
+              "`benchmarks/results/gpu/`):", "", "```"] + commands + ["python -m benchmarks.report", "```", ""]
     any_found = False
     for sub, title in DEVICES.items():
         rec = load(results / sub)

@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
             "model_ratio_c1.5": obj.step_cost(1.5), "model_ratio_c_measured": obj.step_cost(c_measured),
             "target": target, "meets_target": (r["median"] <= target) if target else None,
         }
-        rows.append([METHOD_LABELS[m], f"{r['median'] and summary(step_times[m])['median']:.1f}",
+        rows.append([METHOD_LABELS[m], f"{summary(step_times[m])['median']:.1f}",
                      f"{r['median']:.3f} [{r['p25']:.3f}, {r['p75']:.3f}]",
                      f"{rlb['median']:.3f}", results["methods"][m]["cost_formula"],
                      f"{obj.step_cost(1.5):.3f}", f"{obj.step_cost(c_measured):.3f}",
