@@ -31,7 +31,7 @@ def load(folder: Path) -> dict[str, dict]:
             record = json.loads(path.read_text())
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict) and ("benchmark" in record or path.stem == "verify"):
+        if isinstance(record, dict) and "benchmark" in record:
             out[path.stem] = record
     return out
 
@@ -231,10 +231,10 @@ def main(argv=None) -> Path:
     commands = []
     for sub in DEVICES:
         for name, r in load(results / sub).items():
-            if "command" in r:
-                commands.append(r["command"])
-            elif name == "verify":
+            if r["benchmark"] == "verify":
                 commands.append(f"python -m benchmarks.verify {r['source']}")
+            else:
+                commands.append(r["command"])
     lines += ["## Commands", "", "From the repository root, with `OMP_NUM_THREADS=1 MKL_NUM_THREADS=1` on a shared CPU "
               "(the GPU figures come from `OUT=<folder> bash scripts/gpu-check-bench.sh`, whose JSON is copied into "
               "`benchmarks/results/gpu/`):", "", "```"] + commands + ["python -m benchmarks.report", "```", ""]
@@ -258,11 +258,11 @@ def main(argv=None) -> Path:
                 lines += overhead_section(name, r)
         for name, r in rec.items():
             if r.get("benchmark") == "quality":
-                plot = docs / f"results-quality-{sub}.png"
+                plot = docs / f"results-{name}-{sub}.png"
                 c = r["config"]
                 quality_plot(r, plot, f"{title}: checkerboard, {c['steps']} steps at batch {c['batch']}, "
                              f"{c['seeds']} seeds, {c['num_samples']} samples")
-                lines += quality_section(name, r, plot, docs, rec.get("verify"))
+                lines += quality_section(name, r, plot, docs, rec.get(f"{name}-verify"))
         for name, r in rec.items():
             if r.get("benchmark") == "sampling":
                 lines += sampling_section(name, r)

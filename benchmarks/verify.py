@@ -47,7 +47,7 @@ def kl(samples: np.ndarray, bins: int = 50) -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("result", nargs="?", default=str(ROOT / "benchmarks/results/cpu/quality.json"))
-    ap.add_argument("--out", default=None, help="default: verify.json beside the result")
+    ap.add_argument("--out", default=None, help="default: <stem>-verify.json beside the result")
     a = ap.parse_args(argv)
     path = Path(a.result)
     record = json.loads(path.read_text())
@@ -63,9 +63,9 @@ def main(argv=None) -> dict:
             worst = max(worst, diff)
             checks.append({"method": run["method"], "seed": run["seed"], "row": row, "reported": vals["kl"],
                            "recomputed": mine, "abs_diff": diff, "n": int(x.shape[0])})
-    result = {"source": str(path.relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path),
+    result = {"benchmark": "verify", "source": str(path.relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path),
               "checked": len(checks), "max_abs_diff": worst, "checks": checks}
-    out = Path(a.out) if a.out else path.parent / "verify.json"
+    out = Path(a.out) if a.out else path.with_name(path.stem + "-verify.json")
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nverify: {len(checks)} KL values recomputed from saved samples with numpy; "
           f"max |difference| = {worst:.2e}; written to {out}")

@@ -2,7 +2,7 @@
 # The benchmarks on one GPU (written for an H200, CUDA torch 2.11, Python 3.12), in about 200 s.
 # Run from the repository root with OUT set to an empty folder:
 #   OUT=/some/empty/dir bash scripts/gpu-check-bench.sh
-# Writes (flat, 7 files): step_cost.json, overhead.json, quality.json, quality-samples.npz, verify.json,
+# Writes (flat, 7 files): step_cost.json, overhead.json, quality.json, quality-samples.npz, quality-verify.json,
 # sampling.json, log.txt. Copy the JSON (and the npz) into benchmarks/results/gpu/ and run
 #   python -m benchmarks.report
 # to put the GPU figures into docs/results.md beside (not mixed with) the CPU ones.
@@ -47,7 +47,7 @@ step step_cost 50 $PY -m benchmarks.step_cost --device "$DEVICE" $SC --out "$OUT
 step overhead 25 $PY -m benchmarks.overhead --device "$DEVICE" $OH --out "$OUT/overhead.json"
 # 3. quality at a reduced budget (the paper's: --full, 150k steps at batch 100k)
 step quality 110 $PY -m benchmarks.quality --device "$DEVICE" $QU --out "$OUT/quality.json" --runs-dir "$RUNS/quality"
-step verify 15 $PY -m benchmarks.verify "$OUT/quality.json" --out "$OUT/verify.json"
+step verify 15 $PY -m benchmarks.verify "$OUT/quality.json" --out "$OUT/quality-verify.json"
 # 4. sampling throughput from the quality runs
 step sampling 40 $PY -m benchmarks.sampling --device "$DEVICE" $SA --runs "$RUNS/quality" --out "$OUT/sampling.json"
 rm -rf "$RUNS"

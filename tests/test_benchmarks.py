@@ -67,6 +67,7 @@ def test_benchmarks_and_report(tmp_path):
     for heading in ("Step cost", "Overhead", "Quality", "Sampling throughput", "paper, Table 1"):
         assert heading in text
     assert (tmp_path / "docs" / "results-quality-cpu.png").stat().st_size > 0
+    assert "recomputed 11 KL values" in text
 
 
 def test_verify_kl_matches_flowspec_metric():
