@@ -54,7 +54,7 @@ def main(argv=None) -> dict:
     p.add_argument("--runs", default=None, help="folder of quality runs (default results/<dev>/runs/quality)")
     p.add_argument("--train-steps", type=int, default=0, help="train the two runs here with this budget")
     p.add_argument("--num-samples", type=int, default=16_000)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=None)

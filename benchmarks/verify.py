@@ -49,7 +49,7 @@ def main(argv=None) -> dict:
     ap.add_argument("result", nargs="?", default=str(ROOT / "benchmarks/results/cpu/quality.json"))
     ap.add_argument("--out", default=None, help="default: <stem>-verify.json beside the result")
     a = ap.parse_args(argv)
-    path = Path(a.result)
+    path = Path(a.result).resolve()
     record = json.loads(path.read_text())
     npz = np.load(path.with_name(path.stem + "-samples.npz"))
     checks, worst = [], 0.0
