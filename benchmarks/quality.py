@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     threads = setup_threads(a.threads)
     device = resolve_device(a.device)
     out = Path(a.out) if a.out else RESULTS / ("gpu" if device.type == "cuda" else "cpu") / "quality.json"
-    run_root = Path(a.runs_dir) if a.runs_dir else out.parent / "runs" / "quality"
+    run_root = Path(a.runs_dir) if a.runs_dir else out.parent / "runs" / out.stem
     samples_path = out.with_name(out.stem + "-samples.npz")
     samples: dict = {}
     runs = []
