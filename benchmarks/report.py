@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+
+import numpy as np
 from pathlib import Path
 
 from benchmarks.common import METHOD_LABELS, RESULTS, ROOT
@@ -143,6 +145,8 @@ def quality_plot(r: dict, path: Path, title: str) -> None:
             floor = agg["data"]["floor"]["kl"]["mean"]
             ax.axhline(floor, color="gray", lw=0.8, ls=":", label=f"exact samples ({r['config']['num_samples']})")
         ax.set_xscale("log", base=2)
+        if all(min(np.asarray(line.get_ydata(), dtype=float)) > 0 for line in ax.get_lines() if len(line.get_ydata())):
+            ax.set_yscale("log")
         ax.set_xlabel("NFE (network evaluations per sample)")
         ax.set_ylabel({"kl": "KL (50 x 50 histogram)", "energy": "energy distance"}[metric])
         ax.grid(alpha=0.3)
