@@ -20,8 +20,8 @@ if [[ "${SMOKE:-0}" == 1 ]]; then
   SC="--batch 256 --width 64 --reps 2 --inner 1 --warmup 1"; OH="$SC"
   QU="--seeds 1 --steps 5 --batch 64 --num-samples 2000 --methods lsd,fm"; SA="--num-samples 2000 --reps 1"
 else
-  SC="--batch 4096 --reps 20 --inner 10 --warmup 10"; OH="--batch 4096 --reps 30 --inner 10 --warmup 10"
-  QU="--seeds 2 --steps 500 --batch 4096 --num-samples 64000"; SA="--num-samples 64000"
+  SC="--batch 4096 --reps 15 --inner 10 --warmup 5"; OH="--batch 4096 --reps 30 --inner 10 --warmup 10"
+  QU="--seeds 2 --steps 400 --batch 4096 --num-samples 64000"; SA="--num-samples 64000"
 fi
 
 step() {  # step NAME SECONDS CMD...: run with a time limit; a failure is logged and the next step runs
@@ -42,13 +42,13 @@ step() {  # step NAME SECONDS CMD...: run with a time limit; a failure is logged
 } >>"$LOG" 2>&1
 
 # 1. step cost at the paper's target: 4 x 512 MLP, batch 4096, eta = 0.75; CUDA events, warm-up, interleaved
-step step_cost 50 $PY -m benchmarks.step_cost --device "$DEVICE" $SC --out "$OUT/step_cost.json"
+step step_cost 45 $PY -m benchmarks.step_cost --device "$DEVICE" $SC --out "$OUT/step_cost.json"
 # 2. overhead: compiled LSD step against the hand-written one, same setting
-step overhead 25 $PY -m benchmarks.overhead --device "$DEVICE" $OH --out "$OUT/overhead.json"
+step overhead 20 $PY -m benchmarks.overhead --device "$DEVICE" $OH --out "$OUT/overhead.json"
 # 3. quality at a reduced budget (the paper's: --full, 150k steps at batch 100k)
 step quality 110 $PY -m benchmarks.quality --device "$DEVICE" $QU --out "$OUT/quality.json" --runs-dir "$RUNS/quality"
-step verify 15 $PY -m benchmarks.verify "$OUT/quality.json" --out "$OUT/quality-verify.json"
+step verify 10 $PY -m benchmarks.verify "$OUT/quality.json" --out "$OUT/quality-verify.json"
 # 4. sampling throughput from the quality runs
-step sampling 40 $PY -m benchmarks.sampling --device "$DEVICE" $SA --runs "$RUNS/quality" --out "$OUT/sampling.json"
+step sampling 30 $PY -m benchmarks.sampling --device "$DEVICE" $SA --runs "$RUNS/quality" --out "$OUT/sampling.json"
 rm -rf "$RUNS"
 ls -la "$OUT" | tee -a "$LOG"
