@@ -112,7 +112,9 @@ def overhead_section(name: str, r: dict) -> list[str]:
 
 def cell(agg: dict, method: str, row: str, metric: str = "kl") -> str:
     v = agg.get(method, {}).get(row, {}).get(metric)
-    return f"{v['mean']:.4f} ± {v['std']:.4f}" if v else "-"
+    if not v:
+        return "-"
+    return f"{v['mean']:.4f}" if v["n"] == 1 else f"{v['mean']:.4f} ± {v['std']:.4f}"
 
 
 def quality_plot(r: dict, path: Path, title: str) -> None:
@@ -168,7 +170,7 @@ def quality_section(name: str, r: dict, plot: Path, docs: Path, verify: dict | N
     lines += [f"Our budget: {budget}; every method with the paper's 4 x 512 GELU MLP, RAdam lr 1e-3, clip 10, "
               f"EMA 0.999, eta = 0.75, linear interpolant with the data-std base. The paper's: {PAPER_BUDGET}, "
               f"i.e. {150_000 * 100_000 / (c['steps'] * c['batch']):,.0f} times more training samples. "
-              "Entries: mean ± sample standard deviation over seeds. The KL of the same number of exact "
+              "Entries: mean ± sample standard deviation over seeds (the value itself for one seed). The KL of the same number of exact "
               f"data samples (the estimator's floor at this sample count) is "
               f"{agg['data']['floor']['kl']['mean']:.4f}; the paper's 64k samples have a lower floor.", "",
               "KL at K steps (NFE = K; for flow matching, Euler with K steps of the learned velocity):", "",
@@ -239,8 +241,10 @@ def main(argv=None) -> Path:
              "the command that produced it, so it can be rerun as written. CPU and GPU figures are kept in "
              "separate sections.", ""]
     commands = []
+    order = {"step_cost": 0, "overhead": 1, "quality": 2, "verify": 3, "sampling": 4}
     for sub in DEVICES:
-        for name, r in load(results / sub).items():
+        records = load(results / sub)
+        for name, r in sorted(records.items(), key=lambda kv: (order.get(kv[1]["benchmark"], 9), len(kv[0]))):
             if r["benchmark"] == "verify":
                 commands.append(f"python -m benchmarks.verify {r['source']}")
             else:
