@@ -1,0 +1,83 @@
+"""Smoke test of the benchmarks: each runs at a tiny budget (seconds), writes JSON of the documented
+shape, the numpy KL check agrees with flowspec's metric, and docs generation works on the results."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import overhead, quality, report, sampling, step_cost, verify
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def read(path):
+    record = json.loads(path.read_text())
+    assert record["schema"] == 1
+    assert {"benchmark", "command", "date", "machine", "config", "results"} <= set(record)
+    assert {"cpu", "torch", "torch_threads", "device"} <= set(record["machine"])
+    return record
+
+
+def test_benchmarks_and_report(tmp_path):
+    cpu = tmp_path / "results" / "cpu"
+    tiny = ["--batch", "64", "--width", "16", "--depth", "2", "--reps", "2", "--inner", "1", "--warmup", "1"]
+    step_cost.main(tiny + ["--out", str(cpu / "step_cost.json")])
+    r = read(cpu / "step_cost.json")["results"]
+    assert set(r["methods"]) == {"fm", "lsd", "esd", "psd-u", "psd-m"}
+    assert r["methods"]["fm"]["ratio"]["median"] == 1.0
+    assert r["methods"]["lsd"]["model_ratio_c1.5"] == pytest.approx(0.25 * 2.5 + 0.75)
+    assert r["methods"]["psd-u"]["model_ratio_c1.5"] == pytest.approx(0.25 * 3 + 0.75)
+    assert r["C"]["C"]["median"] > 0
+
+    overhead.main(tiny + ["--out", str(cpu / "overhead.json")])
+    r = read(cpu / "overhead.json")["results"]
+    assert r["loss_grad_relative_mismatch"] < 1e-4  # the hand-written step computes the same loss
+    assert r["ratio"]["median"] > 0
+
+    quality.main(["--seeds", "1", "--steps", "3", "--batch", "32", "--num-samples", "500", "--methods", "lsd,fm",
+                  "--out", str(cpu / "quality.json"), "--runs-dir", str(tmp_path / "runs")])
+    rec = read(cpu / "quality.json")
+    rows = {r["method"]: r["rows"] for r in rec["results"]["runs"]}
+    assert set(rows["lsd"]) == {f"K-{k}" for k in quality.KS}
+    assert {f"euler-{k}" for k in quality.KS} <= set(rows["fm"])
+    assert any(k.startswith("dopri5") for k in rows["fm"])
+    assert rec["results"]["aggregate"]["lsd"]["K-1"]["kl"]["n"] == 1
+
+    v = verify.main([str(cpu / "quality.json")])
+    assert v["checked"] == 5 + 6 and v["max_abs_diff"] < 1e-9
+
+    sampling.main(["--runs", str(tmp_path / "runs"), "--num-samples", "300", "--reps", "1",
+                   "--out", str(cpu / "sampling.json")])
+    r = read(cpu / "sampling.json")["results"]
+    assert {"K-1", "K-2", "K-4"} <= set(r["rows"]) and set(r["matched"]) == {"K-1", "K-2", "K-4"}
+
+    out = report.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "docs" / "results.md")])
+    text = out.read_text()
+    assert "## CPU" in text and "No results yet in `benchmarks/results/gpu/`" in text
+    for heading in ("Step cost", "Overhead", "Quality", "Sampling throughput", "paper, Table 1"):
+        assert heading in text
+    assert (tmp_path / "docs" / "results-quality-cpu.png").stat().st_size > 0
+    assert "recomputed 11 KL values" in text
+
+
+def test_verify_kl_matches_flowspec_metric():
+    """The numpy recomputation and flowspec's HistogramKL agree on the same samples."""
+    from flowspec.data.toy2d import Checkerboard
+    from flowspec.metrics import HistogramKL
+
+    data = Checkerboard(Checkerboard.Options())
+    g = torch.Generator().manual_seed(0)
+    for x in (data.sample(20_000, g), torch.randn(5000, 2, generator=g) * 3):
+        assert verify.kl(x.numpy()) == pytest.approx(HistogramKL()(x, data, g), abs=1e-9)
+    p, _ = verify.cell_masses()
+    assert p.sum() == pytest.approx(1.0)
