@@ -35,7 +35,7 @@ class FlowMap(nn.Module):
     def compile_network(self, **options) -> None:
         """Run plain forward passes through ``torch.compile(net, **options)``. Forward-mode jvps
         (flowspec.jvp) keep using the eager network: compiled graphs are traced for plain
-        evaluation, and the jvp also needs autocast off and the math attention backend."""
+        evaluation, and the jvp also needs autocast off and attention written out (flowspec.jvp.attention)."""
         object.__setattr__(self, "_compiled", torch.compile(self.net, **options))
 
     def __deepcopy__(self, memo):

@@ -90,3 +90,40 @@ def test_parameter_gradients_flow_through_exact_tangent(mlp_map, point):
         for ge, ga in zip(torch.autograd.grad((w * value).sum(), params),
                           torch.autograd.grad((w * f(*p)).sum(), params)):
             torch.testing.assert_close(ge, ga, atol=1e-13, rtol=0)
+
+
+def test_dual_tangent_linear_equals_torch_func_jvp_in_value_tangent_and_gradients(point):
+    """flowspec.jvp.Linear's one-product tangent W u against PyTorch's own rule (torch.func.jvp
+    through nn.Linear), for the values, the tangents and the reverse-mode gradients through both."""
+    from torch import nn
+
+    from flowspec.jvp import Linear
+
+    s, t, x, _ = point
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(D + 2, 16, dtype=F64), nn.GELU(), nn.Linear(16, D, dtype=F64))
+    dual = nn.Sequential(Linear(D + 2, 16, dtype=F64), nn.GELU(), Linear(16, D, dtype=F64))
+    dual.load_state_dict(plain.state_dict())
+    f = lambda net: (lambda tt: net(torch.cat([x, s[:, None], tt[:, None]], 1)))  # noqa: E731
+    one = torch.ones_like(t)
+    X0, dX0 = torch.func.jvp(f(plain), (t,), (one,))
+    X1, dX1 = jvp(f(dual), (t,), (one,))
+    assert torch.allclose(X0, X1, rtol=0, atol=1e-14) and torch.allclose(dX0, dX1, rtol=0, atol=1e-14)
+    (X0.sum() + dX0.pow(2).sum()).backward()
+    (X1.sum() + dX1.pow(2).sum()).backward()
+    for p, q in zip(plain.parameters(), dual.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=0, atol=1e-12)
+
+
+def test_dual_tangent_linear_keeps_a_tangent_of_its_weights():
+    """A jvp in the parameters (a dual weight) falls back to the full rule: d/de (W + e V) x = V x."""
+    import torch.autograd.forward_ad as fwAD
+
+    from flowspec.jvp import linear
+
+    g = torch.Generator().manual_seed(1)
+    W, V, x = (torch.randn(3, 4, generator=g, dtype=F64), torch.randn(3, 4, generator=g, dtype=F64),
+               torch.randn(5, 4, generator=g, dtype=F64))
+    with fwAD.dual_level():
+        _, tangent = fwAD.unpack_dual(linear(x, fwAD.make_dual(W, V)))
+    assert torch.allclose(tangent, x @ V.T, rtol=0, atol=1e-14)

@@ -1,5 +1,5 @@
-"""Mixed precision and compilation: the jvp stays float32 under bf16 autocast with the math attention
-backend; float64 runs; torch.compile'd forward passes with eager jvps."""
+"""Mixed precision and compilation: the jvp stays float32 under bf16 autocast with attention written
+out; float64 runs; torch.compile'd forward passes with eager jvps."""
 
 from __future__ import annotations
 
@@ -41,8 +41,6 @@ def test_bf16_autocast_jvp_equals_the_float32_jvp_on_the_unet_with_attention():
 
     def probe(tt):
         seen["autocast"] = torch.is_autocast_enabled("cpu")
-        seen["flash"] = torch.backends.cuda.flash_sdp_enabled()
-        seen["math"] = torch.backends.cuda.math_sdp_enabled()
         seen["active"] = jvp_module.active()
         return f(tt)
 
@@ -50,7 +48,7 @@ def test_bf16_autocast_jvp_equals_the_float32_jvp_on_the_unet_with_attention():
         X16, d16 = jvp(probe, (t,), (ones,))
         _, naive = torch.func.jvp(f, (t,), (ones,))  # what the objective would get without the guard
         forward = f(t)
-    assert seen == {"autocast": False, "flash": False, "math": True, "active": True}
+    assert seen == {"autocast": False, "active": True}
     assert not jvp_module.active()
     assert d16.dtype == torch.float32 and X16.dtype == torch.float32
     assert torch.allclose(d16, d32, rtol=0, atol=1e-6) and torch.allclose(X16, X32, rtol=0, atol=1e-6)

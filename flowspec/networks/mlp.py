@@ -9,6 +9,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from flowspec.jvp import Linear
 from flowspec.networks.base import Network, NetworkOptions
 from flowspec.networks.embeddings import PositionalEmbedding, RawTime
 
@@ -43,9 +44,9 @@ class MLP(Network):
         layers: list[nn.Module] = []
         width_in = dim + emb
         for _ in range(o.depth):
-            layers += [nn.Linear(width_in, o.width), ACTIVATIONS[o.activation]()]
+            layers += [Linear(width_in, o.width), ACTIVATIONS[o.activation]()]
             width_in = o.width
-        layers.append(nn.Linear(width_in, dim))
+        layers.append(Linear(width_in, dim))
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

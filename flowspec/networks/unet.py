@@ -31,6 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from flowspec.errors import UserError
+from flowspec.jvp import attention
 from flowspec.networks.base import Network, NetworkOptions
 from flowspec.networks.embeddings import PositionalEmbedding
 
@@ -130,7 +131,7 @@ class Block(nn.Module):
             b, ch, h, w = x.shape
             qkv = self.attn_qkv(x).reshape(b, self.heads, ch // self.heads, 3, h * w)
             q, k, v = normalize(qkv, dim=2).unbind(3)  # each (B, heads, d, HW), unit rms over d
-            y = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+            y = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
             y = self.attn_proj(y.transpose(-1, -2).reshape(b, ch, h, w))
             x = mp_sum(x, y, self.attn_balance)
         if self.clip_act:

@@ -315,6 +315,9 @@ def check_flow_map(flow_map: nn.Module, shape: Sequence[int] = (2,), *,
       t - s = 1e-2, 1e-4, 1e-6 and is below 1e-3 at 1e-6;
     * jvp against central differences: the exact jvp of X in s, in t and in x along a random
       direction agrees with central differences (h = 1e-7) to ``atol`` relative to 1 + |jvp|;
+    * gradients through the jvp: the parameters' gradient of |dX/dt|^2 (what the Lagrangian and
+      Eulerian losses backpropagate) exists and agrees with that through central differences to
+      1000 ``atol`` relative to 1 + its largest entry;
     * if ``velocity`` (an exact b_t(x)) is given: v_{t,t}(x) = b_t(x) to ``atol``.
 
     Raises:
@@ -378,6 +381,21 @@ def check_flow_map(flow_map: nn.Module, shape: Sequence[int] = (2,), *,
             e = ((exact - fd).abs() / (1 + exact.abs())).max().item()
             if e > atol:
                 msgs.append(f"jvp in {what} disagrees with central differences by {e:.3g} (> {atol:g})")
+    params = [q for q in fm64.parameters() if q.requires_grad]
+    if params:  # the Lagrangian and Eulerian losses backpropagate through the tangent
+        f = probes["t"][0]
+        try:
+            grads = torch.autograd.grad(jvp(f, (ti,), (onei,))[1].pow(2).sum(), params, allow_unused=True)
+        except RuntimeError as exc:
+            msgs.append(f"backward through the jvp fails ({str(exc).splitlines()[0][:120]}); inside a jvp use "
+                        "flowspec.jvp.attention, not torch.softmax or F.scaled_dot_product_attention")
+        else:
+            fd = torch.autograd.grad(jvp(f, (ti,), (onei,), strategy="finite_difference", step=1e-7)[1]
+                                     .pow(2).sum(), params, allow_unused=True)
+            pairs = [(a, b) for a, b in zip(grads, fd) if a is not None and b is not None]
+            e = max(((a - b).abs().max() / (1 + a.abs().max())).item() for a, b in pairs) if pairs else 0.0
+            if e > 1e3 * atol:
+                msgs.append(f"gradient through the jvp disagrees with central differences by {e:.3g}")
     if velocity is not None:
         with torch.no_grad():
             b = velocity(t, x)
@@ -386,7 +404,7 @@ def check_flow_map(flow_map: nn.Module, shape: Sequence[int] = (2,), *,
             msgs.append(f"v_{{t,t}}(x) differs from the given velocity b_t(x) by {e:.3g}")
     if msgs:
         raise CheckFailed("\n".join(f"{name}: {m}" for m in msgs))
-    return [f"{name}: shapes, identity, tangent condition, jvp"]
+    return [f"{name}: shapes, identity, tangent condition, jvp, gradients through the jvp"]
 
 
 # -- datasets and metrics ----------------------------------------------------------------------------
