@@ -12,7 +12,7 @@ takes the same clipped optimizer step on the same weights (they start identical:
 broadcast), so the weights, the EMA and the non-finite-step decisions stay in lockstep.
 
 Why not wrap the model in ``DistributedDataParallel``: the objectives call the flow map several
-times per step and take forward-mode jvps with ``torch.func.jvp`` on the plain module, while DDP
+times per step and take forward-mode jvps (flowspec.jvp) on the plain module, while DDP
 expects exactly one forward through its wrapper before each backward (its reducer's bookkeeping).
 The gradients are averaged explicitly instead, in one flattened all-reduce per step, which is what
 DDP's buckets compute, without the overlap with the backward pass.
