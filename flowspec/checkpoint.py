@@ -26,6 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
+from flowspec import distributed
 from flowspec.errors import UserError
 
 
@@ -136,7 +137,7 @@ def save(graph, run_dir: Path, keep: int = 0) -> Path:
     atomic_write(weights, lambda p: p.write_bytes(save_bytes(tensors)))
     meta = {"step": graph.step_count, "sha256": sha256(weights), "ema_updates": graph.ema.updates,
             "optimizer": opt_meta, "scheduler": graph.scheduler.state_dict(), "rng": rng_meta,
-            "counters": dict(graph.counters), "world_size": _world(graph)}
+            "counters": dict(graph.counters), "world_size": graph.dist.world_size}
     atomic_text(ckpt_dir / f"{stem}.json", json.dumps(meta, indent=1, default=str))
     atomic_text(ckpt_dir / "latest", stem + "\n")
     if keep:
@@ -148,19 +149,12 @@ TEMPORARY = re.compile(r"^\.(step-\d+\.(json|safetensors)|latest|spec\.toml|metr
                        r"|environment\.json)\.[A-Za-z0-9_]+$")
 
 
-def _world(graph) -> int:
-    ctx = getattr(graph, "dist", None)
-    return ctx.world_size if ctx is not None else 1
-
-
 def _rank_generators(graph) -> dict[str, torch.Tensor] | None:
     """Ranks 1..W-1's generator states as ``rng.{data,train}.rank{r}`` on rank 0 ({} for a single
     process); None on the other ranks (they write nothing)."""
-    ctx = getattr(graph, "dist", None)
-    if ctx is None or not ctx.enabled:
+    ctx = graph.dist
+    if not ctx.enabled:
         return {}
-    from flowspec import distributed
-
     data = distributed.gather_states(graph.data_generator.get_state(), graph.device)
     train = distributed.gather_states(graph.generator.get_state(), graph.device)
     if not ctx.is_main:
@@ -174,8 +168,7 @@ def _rank_generators(graph) -> dict[str, torch.Tensor] | None:
 def _restore_generators(graph, tensors: dict[str, torch.Tensor], step: int) -> None:
     """This rank's generator states; a rank the checkpoint has none for (the run was resumed with
     more processes) gets generators seeded from its rank and the step."""
-    ctx = getattr(graph, "dist", None)
-    rank = ctx.rank if ctx is not None else 0
+    rank = graph.dist.rank
     if rank == 0:
         graph.data_generator.set_state(tensors["rng.data"])
         graph.generator.set_state(tensors["rng.train"])

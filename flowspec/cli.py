@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flowspec import distributed
 from flowspec.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -63,7 +64,6 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this machine: "
                                   "shortcut for torchrun --standalone --nproc_per_node N -m flowspec run ...")) -> None:
     """Train, evaluate and write a run folder (or continue one with --resume)."""
-    from flowspec import distributed
     from flowspec.train import make_run_dir, train
 
     if nproc > 1 and not distributed.launched():
@@ -96,16 +96,11 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
 
 def _join(s):
     """Under torchrun (WORLD_SIZE > 1): join the process group; the context of this process."""
-    from flowspec import distributed
+    from flowspec.compile import resolve_device
 
     if not distributed.launched():
         return distributed.current()
-    device = s.train.device
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return distributed.init(device)
+    return distributed.init(resolve_device(s.train.device).type)
 
 
 def launch(nproc: int, spec, overrides, runs_dir: Path, out_dir, force: bool, resume) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ValidationError
 
+from flowspec import distributed
 from flowspec.data.base import Dataset
 from flowspec.errors import UserError
 from flowspec.flowmap import FlowMap
@@ -125,13 +126,13 @@ class TrainingGraph:
     last_grad_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(()))
     last_fault: str | None = None
     counters: dict[str, int] = field(default_factory=dict)
-    #: this process's place in a data-parallel run (flowspec.distributed)
-    dist: Any = None
+    #: this process's place in a data-parallel run (flowspec.distributed); one process by default
+    dist: distributed.Context = field(default_factory=distributed.Context)
 
     @property
     def local_batch_size(self) -> int:
         """B / W: the samples this process draws per step."""
-        return self.spec.train.batch_size // (self.dist.world_size if self.dist else 1)
+        return self.spec.train.batch_size // self.dist.world_size
 
     def batch(self, n: int) -> Batch:
         """x1 from the data stream (CPU generator), x0 from the base (device generator), on device.
@@ -152,10 +153,8 @@ class TrainingGraph:
             out = self.objective(self.model, self.interpolant, self.teacher,
                                  self.batch(self.local_batch_size))
         out.loss.float().backward()
-        if self.dist is not None and self.dist.enabled:  # the gradient of the combined batch's loss
-            from flowspec.distributed import average_gradients
-
-            average_gradients(self.model.parameters(), self.dist.world_size)
+        if self.dist.enabled:  # the gradient of the combined batch's loss
+            distributed.average_gradients(self.model.parameters(), self.dist.world_size)
         clip = self.spec.train.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
         self.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
@@ -206,10 +205,15 @@ def _frozen_teacher(spec: BaseModel, registry: Registry, dataset: Dataset, devic
     return _AnalyticPlaceholder()
 
 
+def _seed(seed: int) -> None:
+    """Seed torch's, numpy's and python's global RNGs, for components that use them."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
 def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingGraph:
     """Build the TrainingGraph of a validated spec (see :func:`flowspec.spec.load_spec`)."""
-    from flowspec import distributed
-
     registry = registry or default_registry()
     o = spec.train
     ctx = distributed.current()
@@ -217,13 +221,11 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
     if o.batch_size % ctx.world_size:
         raise UserError(f"train.batch_size: {o.batch_size} samples do not split evenly over {ctx.world_size} "
                         f"processes (valid: a multiple of {ctx.world_size})")
-    probe_data: Dataset = build(registry, "datasets", spec.data)
-    frozen = _frozen_teacher(spec, registry, probe_data, device)
-    torch.manual_seed(o.seed)
-    random.seed(o.seed)  # the global numpy and python RNGs too, for components that use them
-    np.random.seed(o.seed)
+    _seed(o.seed)
+    dataset: Dataset = build(registry, "datasets", spec.data)  # once: an image dataset is read from disk
+    frozen = _frozen_teacher(spec, registry, dataset, device)
+    _seed(o.seed)  # loading a teacher run compiles its spec, which seeds with the teacher's seed
 
-    dataset: Dataset = build(registry, "datasets", spec.data)
     interpolant: Interpolant = build(registry, "interpolants", spec.interpolant)
     try:
         objective: Objective = build(registry, "objectives", spec.objective)

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flowspec import distributed
 from flowspec.flowmap import FlowMap
 
 
@@ -59,11 +60,9 @@ def _endpoint_error(x: torch.Tensor, truth: torch.Tensor | None, row: dict) -> N
 def sample_sharded(graph, x0: torch.Tensor, steps: int) -> torch.Tensor | None:
     """K-step samples of every x0 (N, ...). In a data-parallel run rank r samples part r of
     x0.tensor_split(W) and rank 0 gathers them (the others get None); else :func:`sample`."""
-    ctx = getattr(graph, "dist", None)
-    if ctx is None or not ctx.enabled:
+    ctx = graph.dist
+    if not ctx.enabled:
         return sample(graph.sampler(), x0, steps)
-    from flowspec import distributed
-
     mine = sample(graph.sampler(), x0.tensor_split(ctx.world_size)[ctx.rank], steps)
     return distributed.gather_rows(mine, x0.shape[0], graph.device)
 
@@ -79,8 +78,7 @@ def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
     """
     o = graph.spec.eval
     x0 = base_samples(graph, o.num_samples, o.seed)
-    ctx = getattr(graph, "dist", None)
-    main = ctx is None or ctx.is_main
+    main = graph.dist.is_main
     truth = true_endpoints(graph, x0) if main else None
     results: dict[str, dict[str, float]] = {}
     for k in o.steps:

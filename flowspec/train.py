@@ -24,7 +24,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flowspec import checkpoint
+from flowspec import checkpoint, distributed
 from flowspec.compile import TrainingGraph
 from flowspec.errors import UserError
 from flowspec.evaluate import evaluate, evaluate_baselines
@@ -154,10 +154,7 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
     spec = graph.spec
     o, ev = spec.train, spec.eval
     ctx = graph.dist
-    main = ctx is None or ctx.is_main  # only rank 0 writes the run folder and prints
-    parallel = ctx is not None and ctx.enabled
-    if parallel:
-        from flowspec import distributed
+    main, parallel = ctx.is_main, ctx.enabled  # only rank 0 writes the run folder and prints
     if not main:
         console = Console(stderr=True, quiet=True)
     log = None
@@ -301,7 +298,7 @@ def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGrap
         raise UserError(f"{source}: differs from the run's spec {stored_path} in {', '.join(diff)} "
                         "(only train.steps may change on resume)")
     graph = (compile or compile_spec)(spec)
-    main = graph.dist is None or graph.dist.is_main
+    main = graph.dist.is_main
     if main:
         checkpoint.remove_temporaries(run_dir)
     if checkpoint.stems(run_dir / "checkpoints"):
@@ -312,9 +309,7 @@ def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGrap
     if graph.step_count > spec.train.steps:
         raise UserError(f"{source}: train.steps: {spec.train.steps} is below the checkpoint's step "
                         f"{graph.step_count} (valid: >= {graph.step_count})")
-    if graph.dist is not None and graph.dist.enabled:
-        from flowspec import distributed
-
+    if graph.dist.enabled:
         distributed.barrier()  # every rank has read the checkpoint before rank 0 prunes
     if main:
         checkpoint.remove_after(run_dir / "checkpoints", graph.step_count)
