@@ -121,10 +121,6 @@ def _reference_images(dataset: Dataset, max_samples: int, generator: torch.Gener
     return dataset.sample(max_samples, generator)
 
 
-class DigitsFrechetOptions(MetricOptions):
-    pass
-
-
 class DigitsFrechet(Metric):
     """Fréchet distance between the digits classifier's 64-d features of the samples and of all 1797
     scikit-learn digits (flowspec.features): |mu_g - mu_d|^2 + tr(S_g + S_d - 2 (S_d^1/2 S_g S_d^1/2)^1/2).
@@ -133,8 +129,6 @@ class DigitsFrechet(Metric):
     (1, 8, 8) in [-1, 1] (the ``digits`` dataset), else :class:`MetricUnavailable`. Zero for the data
     itself; grows as the samples' feature distribution departs from the digits'.
     """
-
-    Options = DigitsFrechetOptions
 
     def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
         if tuple(dataset.shape) != (1, 8, 8):
@@ -176,8 +170,9 @@ class FID(Metric):
                 "fid needs the Inception weights: download pt_inception-2015-12-05-6726825d.pth (pytorch-fid's "
                 "release), convert it to .safetensors (docs/images-and-gpus.md) and set "
                 "eval.metric_options.fid.weights = \"PATH\"")
-        device = torch.device("cuda" if o.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if o.device == "auto" else o.device))
+        from flowspec.compile import resolve_device
+
+        device = resolve_device(o.device)
         key = ("net", o.weights, str(device))
         if key not in self._cache:
             try:
@@ -210,11 +205,9 @@ class FID(Metric):
         self._network()
 
     def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
-        if len(dataset.shape) != 3 or dataset.shape[0] not in (1, 3):
-            raise MetricUnavailable(f"fid needs images with 1 or 3 channels; {type(dataset).__name__} "
-                                    f"has shape {tuple(dataset.shape)}")
         from flowspec.features import frechet_distance, statistics
 
+        self.check(dataset)
         net, device = self._network()
         key = ("ref", self.options.weights, id(dataset), self.options.reference_samples)
         if key not in self._cache:
