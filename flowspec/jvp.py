@@ -4,10 +4,10 @@
 
 * ``"exact"``: forward-mode AD with dual tensors (``torch.autograd.forward_ad``). Reverse-mode
   gradients flow through both outputs to any parameters f closes over, which is what the
-  Lagrangian and Eulerian losses need. Layers built from :class:`Linear` propagate a tangent u
-  with one matrix product, W u: PyTorch's generic rule for a linear layer also multiplies by the
-  weight's tangent, an all-zero tensor here, which took a jvp through the 4 x 512 MLP from about
-  2 to about 3.4 forward passes on the CPU.
+  Lagrangian and Eulerian losses need. Layers built from :func:`linear` / :class:`Linear` and
+  :func:`conv2d` propagate a tangent u with one product, W u: PyTorch's generic rules also
+  multiply by the weight's tangent, an all-zero tensor here, which took a jvp through the 4 x 512
+  MLP from about 2 to about 3.4 forward passes on the CPU.
 * ``"finite_difference"``: central differences (f(p + h u) - f(p - h u)) / 2h, for networks whose
   operations lack forward-AD rules. Evaluated in the primals' dtype: use float64 primals and a
   float64 network (in float32 the derivative keeps only a few digits). The default h is
@@ -100,14 +100,26 @@ def _forward_mode(f, primals, tangents):
     return value, (torch.zeros_like(value) if tangent is None else tangent)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` = x W^T + b, (..., in) -> (..., out), whose forward-mode tangent
-    is u W^T for an input tangent u, one matrix product. Falls back to F.linear where the weight
-    or bias carries a tangent of its own (a jvp in the parameters) or x carries none."""
+def _affine(op: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+            bias: torch.Tensor | None, **options) -> torch.Tensor:
+    """op(x, weight, bias) for an op affine in x, with the tangent op(u, weight, None) for an input
+    tangent u: one product. Falls back to op itself where the weight or bias carries a tangent of
+    its own (a jvp in the parameters) or x carries none."""
     primal, u = fwAD.unpack_dual(x)
     if u is None or any(fwAD.unpack_dual(w).tangent is not None for w in (weight, bias) if w is not None):
-        return F.linear(x, weight, bias)
-    return fwAD.make_dual(F.linear(primal, weight, bias), F.linear(u, weight))
+        return op(x, weight, bias, **options)
+    return fwAD.make_dual(op(primal, weight, bias, **options), op(u, weight, None, **options))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` = x W^T + b, (..., in) -> (..., out), with the one-product tangent u W^T."""
+    return _affine(F.linear, x, weight, bias)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, **options) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, **options)``, (B, in, H, W) -> (B, out, H', W'), with the
+    one-convolution tangent conv2d(u, weight)."""
+    return _affine(F.conv2d, x, weight, bias, **options)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

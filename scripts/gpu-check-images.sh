@@ -71,7 +71,7 @@ COMMON=(--set "data.root=\"$CIFAR\"" --set 'eval.metrics=[]' --set 'eval.metric_
         --set train.log_every=5 --set train.device=\"cuda\" --force)
 
 cat > "$OUT/jvp_check.py" <<'PY'
-"""bf16-autocast jvp (flowspec.jvp: autocast off, math attention) vs a float32 jvp on the CIFAR U-Net."""
+"""bf16-autocast jvp (flowspec.jvp: autocast off, attention written out) vs a float32 jvp on the CIFAR U-Net."""
 import torch
 from flowspec.flowmap import FlowMap
 from flowspec.jvp import jvp

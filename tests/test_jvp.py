@@ -127,3 +127,18 @@ def test_dual_tangent_linear_keeps_a_tangent_of_its_weights():
     with fwAD.dual_level():
         _, tangent = fwAD.unpack_dual(linear(x, fwAD.make_dual(W, V)))
     assert torch.allclose(tangent, x @ V.T, rtol=0, atol=1e-14)
+
+
+def test_dual_tangent_conv2d_equals_torch_func_jvp():
+    """flowspec.jvp.conv2d's one-convolution tangent against PyTorch's own rule, with gradients."""
+    from flowspec.jvp import conv2d
+
+    g = torch.Generator().manual_seed(2)
+    x, u = torch.randn(2, 3, 5, 5, generator=g, dtype=F64), torch.randn(2, 3, 5, 5, generator=g, dtype=F64)
+    w = torch.randn(4, 3, 3, 3, generator=g, dtype=F64, requires_grad=True)
+    y0, t0 = torch.func.jvp(lambda z: torch.nn.functional.conv2d(z, w, padding=1).tanh(), (x,), (u,))
+    y1, t1 = jvp(lambda z: conv2d(z, w, padding=1).tanh(), (x,), (u,))
+    assert torch.allclose(y0, y1, rtol=0, atol=1e-14) and torch.allclose(t0, t1, rtol=0, atol=1e-14)
+    g0, = torch.autograd.grad(t0.pow(2).sum(), w)
+    g1, = torch.autograd.grad(t1.pow(2).sum(), w)
+    assert torch.allclose(g0, g1, rtol=0, atol=1e-12)

@@ -31,7 +31,7 @@ from pydantic import Field
 from torch import nn
 
 from flowspec.errors import UserError
-from flowspec.jvp import attention
+from flowspec.jvp import attention, conv2d, linear
 from flowspec.networks.base import Network, NetworkOptions
 from flowspec.networks.embeddings import PositionalEmbedding
 
@@ -82,8 +82,8 @@ class MPConv(nn.Module):
         w = w * (gain / math.sqrt(w[0].numel()))
         w = w.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else w
         if w.ndim == 2:
-            return F.linear(x, w)
-        return F.conv2d(x, w, padding=w.shape[-1] // 2)
+            return linear(x, w)
+        return conv2d(x, w, padding=w.shape[-1] // 2)
 
 
 class Block(nn.Module):
