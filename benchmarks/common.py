@@ -15,6 +15,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from flowspec.compile import resolve_device  # noqa: F401  (re-exported: the benchmarks take flowspec's device names)
+
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -68,10 +70,14 @@ def machine(device: torch.device) -> dict:
     return info
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def compile_method(method: str, batch: int, device: torch.device, width: int = 512, depth: int = 4,
+                   seed: int = 0, extra: Sequence[str] = ()):
+    """The TrainingGraph of METHOD_SPECS[method] with the paper's setup, this network and batch."""
+    from flowspec import compile_spec, load_spec
+
+    overrides = PAPER_SETUP + [f"network.width={width}", f"network.depth={depth}", f"train.batch_size={batch}",
+                               f'train.device="{device.type}"', f"train.seed={seed}", *extra]
+    return compile_spec(load_spec(SPECS / METHOD_SPECS[method], overrides=overrides))
 
 
 def default_out(name: str, device: torch.device) -> Path:

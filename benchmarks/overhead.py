@@ -24,8 +24,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
-from benchmarks.common import (PAPER_SETUP, SPECS, default_out, interleaved, print_table, ratios,
-                               resolve_device, setup_threads, summary, write_result)
+from benchmarks.common import (compile_method, default_out, interleaved, print_table, ratios, resolve_device,
+                               setup_threads, summary, write_result)
 
 TARGET = 1.03  # the compiled step within 3% of the hand-written one
 
@@ -133,14 +133,6 @@ class HandLSD:
         return loss
 
 
-def compiled_lsd(batch: int, device, width: int, depth: int, seed: int):
-    from flowspec import compile_spec, load_spec
-
-    overrides = PAPER_SETUP + [f"network.width={width}", f"network.depth={depth}", f"train.batch_size={batch}",
-                               f'train.device="{device.type}"', f"train.seed={seed}"]
-    return compile_spec(load_spec(SPECS / "checkerboard-lsd.toml", overrides=overrides))
-
-
 def same_computation(graph, hand: HandLSD, device) -> float:
     """Relative difference of the two losses (and gradients) on one shared batch and set of times."""
     from flowspec.objectives.base import Batch
@@ -175,7 +167,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     threads = setup_threads(a.threads)
     device = resolve_device(a.device)
-    graph = compiled_lsd(a.batch, device, a.width, a.depth, a.seed)
+    graph = compile_method("lsd", a.batch, device, a.width, a.depth, a.seed)
     net = HandMLP(a.width, a.depth).to(device)
     with torch.no_grad():  # same initial weights (the compiled model's parameters, in order)
         src = list(graph.model.parameters())

@@ -16,6 +16,7 @@ data samples is reported as the estimator's floor at that sample count. Samples 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import time
@@ -62,8 +63,6 @@ def run_one(method: str, seed: int, a, device: torch.device, run_root: Path, sam
     start = time.perf_counter()
     train(graph, run_dir, console=Console(stderr=True, quiet=True))
     seconds = time.perf_counter() - start
-    import json
-
     ev = json.loads((run_dir / "eval.json").read_text())
     rows, arrays = {}, {}
     if method == "fm":

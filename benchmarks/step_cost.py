@@ -19,20 +19,12 @@ import time
 
 import torch
 
-from benchmarks.common import (METHOD_LABELS, METHOD_SPECS, PAPER_SETUP, SPECS, default_out, interleaved,
-                               print_table, ratios, resolve_device, setup_threads, summary, write_result)
-from flowspec import compile_spec, load_spec
+from benchmarks.common import (METHOD_LABELS, compile_method, default_out, interleaved, print_table, ratios,
+                               resolve_device, setup_threads, summary, write_result)
 from flowspec.jvp import jvp
 
 #: the issue's targets at the paper's 4 x 512 MLP, batch 4096, eta = 0.75 (ratio to a flow-matching step)
 TARGETS = {"lsd": 1.45, "esd": 1.45, "psd-u": 1.25, "psd-m": 1.25}
-
-
-def build(method: str, batch: int, device: torch.device, width: int, depth: int, seed: int = 0):
-    overrides = PAPER_SETUP + [f"network.width={width}", f"network.depth={depth}",
-                               f"train.batch_size={batch}", f'train.device="{device.type}"',
-                               f"train.seed={seed}"]
-    return compile_spec(load_spec(SPECS / METHOD_SPECS[method], overrides=overrides))
 
 
 def loss_backward(graph):
@@ -84,7 +76,7 @@ def main(argv=None) -> dict:
     methods = a.methods.split(",")
     if "fm" not in methods:
         methods = ["fm"] + methods
-    graphs = {m: build(m, a.batch, device, a.width, a.depth) for m in methods}
+    graphs = {m: compile_method(m, a.batch, device, a.width, a.depth) for m in methods}
     step_times = interleaved({m: graphs[m].step for m in methods}, device, a.reps, a.inner, a.warmup)
     lb_times = interleaved({m: loss_backward(graphs[m]) for m in methods}, device, a.reps, a.inner, a.warmup)
     c = measure_c(graphs["fm"], device, a.reps, a.inner, a.warmup)
