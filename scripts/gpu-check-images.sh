@@ -11,11 +11,15 @@
 #   3. 2-process data-parallel steps: flowspec run --nproc 2 (both ranks on the one GPU, gloo);
 #   4. the LSD spec's first steps with torch.compile on (last: compiling takes the longest).
 # Each check has its own timeout; a failing check is reported and the others still run.
+# DEVICE=cpu SMOKE=1 bash scripts/gpu-check-images.sh: a dry run of this script without a GPU (a small
+# U-Net, a few steps, bf16 autocast on the CPU; compile needs a C++ compiler), a few minutes on 2 cores.
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/gpu-check-images}"
 mkdir -p "$OUT"
 LOG="$OUT/summary.txt"
+DEVICE=${DEVICE:-cuda}
+SMOKE=${SMOKE:-0}
 : > "$LOG"
 say() { echo "$*" | tee -a "$LOG"; }
 FAILED=0
@@ -50,7 +54,7 @@ for group, eps in project["entry-points"].items():
 (info / "entry_points.txt").write_text("\n".join(lines))
 PY
 export PYTHONPATH="$PWD:$META${PYTHONPATH:+:$PYTHONPATH}"
-python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" | tee -a "$LOG"
+python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')" | tee -a "$LOG"
 
 # CIFAR-10 files: the real ones if present, else 640 random images in the binary-batch format
 CIFAR=data
@@ -68,10 +72,18 @@ PY
 fi
 COMMON=(--set "data.root=\"$CIFAR\"" --set 'eval.metrics=[]' --set 'eval.metric_options={}'
         --set eval.num_samples=64 --set 'eval.steps=[1,2]' --set train.checkpoint_every=0
-        --set train.log_every=5 --set train.device=\"cuda\" --force)
+        --set train.log_every=5 --set "train.device=\"$DEVICE\"" --force)
+# batch sizes of the checks: LSD / PSD-M / compile, and the 2-process run's (split over the ranks)
+B=128; B2=64; STEPS=(20 10 6 10)
+if [ "$SMOKE" = 1 ]; then  # a small U-Net with the same layer types, attention included
+  COMMON+=(--set network.channels=16 --set 'network.channel_mult=[1,2]' --set network.num_blocks=1
+           --set 'network.attention_resolutions=[16]' --set network.channels_per_head=8)
+  B=8; B2=8; STEPS=(3 2 2 2)
+fi
 
 cat > "$OUT/jvp_check.py" <<'PY'
 """bf16-autocast jvp (flowspec.jvp: autocast off, attention written out) vs a float32 jvp on the CIFAR U-Net."""
+import json, os, sys
 import torch
 from flowspec.flowmap import FlowMap
 from flowspec.jvp import jvp
@@ -80,7 +92,7 @@ from flowspec.spec import load_spec
 
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
-spec = load_spec("specs/cifar10-lsd.toml")
+spec = load_spec("specs/cifar10-lsd.toml", overrides=sys.argv[1:])
 torch.manual_seed(0)
 net = UNet(UNet.Options(**spec.network.model_dump(exclude={"kind"})), (3, 32, 32))
 with torch.no_grad():  # away from the zero-initialized gains, so the map is not the identity
@@ -88,15 +100,17 @@ with torch.no_grad():  # away from the zero-initialized gains, so the map is not
     for m in net.modules():
         if hasattr(m, "emb_gain"):
             m.emb_gain.fill_(0.5)
-fm = FlowMap(net, scale=net.scale).cuda().eval()
-g = torch.Generator("cuda").manual_seed(0)
-x = torch.randn(16, 3, 32, 32, device="cuda", generator=g) * 0.5
-s = torch.rand(16, device="cuda", generator=g) * 0.5
+device = os.environ.get("DEVICE", "cuda")
+fm = FlowMap(net, scale=net.scale).to(device).eval()
+g = torch.Generator(device).manual_seed(0)
+n = int(os.environ.get("JVP_BATCH", "16"))
+x = torch.randn(n, 3, 32, 32, device=device, generator=g) * 0.5
+s = torch.rand(n, device=device, generator=g) * 0.5
 t = s + 0.4
 f = lambda tt: fm(s, tt, x)
 ones = torch.ones_like(t)
 X32, d32 = jvp(f, (t,), (ones,))
-with torch.autocast("cuda", dtype=torch.bfloat16):
+with torch.autocast(device, dtype=torch.bfloat16):
     X16, d16 = jvp(f, (t,), (ones,))
     fwd16 = f(t)
     try:
@@ -113,16 +127,18 @@ assert d16.dtype == torch.float32 and err <= 1e-4 and err_X <= 1e-4, "jvp under 
 PY
 
 check lsd-bf16 90 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" \
-  --set train.steps=20 --set train.batch_size=128 --set train.compile=false --out "$OUT/run-lsd-bf16"
+  --set train.steps=${STEPS[0]} --set train.batch_size=$B --set train.compile=false --out "$OUT/run-lsd-bf16"
 check psd-m-bf16 90 python -m flowspec run specs/cifar10-psd-m.toml "${COMMON[@]}" \
-  --set train.steps=10 --set train.batch_size=128 --set train.compile=false --out "$OUT/run-psdm-bf16"
-check jvp-bf16-vs-fp32 90 python "$OUT/jvp_check.py"
+  --set train.steps=${STEPS[1]} --set train.batch_size=$B --set train.compile=false --out "$OUT/run-psdm-bf16"
+# the U-Net of the spec (of SMOKE's overrides in a dry run)
+NET=(); [ "$SMOKE" = 1 ] && NET=(network.channels=16 'network.channel_mult=[1,2]' network.num_blocks=1 network.channels_per_head=8)
+check jvp-bf16-vs-fp32 90 env DEVICE="$DEVICE" JVP_BATCH=$([ "$SMOKE" = 1 ] && echo 4 || echo 16) python "$OUT/jvp_check.py" "${NET[@]}"
 check ddp-2proc 150 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" --nproc 2 \
-  --set train.steps=6 --set train.batch_size=64 --set train.compile=false --set train.checkpoint_every=3 \
+  --set train.steps=${STEPS[2]} --set train.batch_size=$B2 --set train.compile=false --set train.checkpoint_every=3 \
   --out "$OUT/run-ddp"
 # last, as the slowest (inductor compiles the U-Net's forward and backward: a minute or two)
 check lsd-bf16-compile 240 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" \
-  --set train.steps=10 --set train.batch_size=128 --set train.compile=true --out "$OUT/run-lsd-compile"
+  --set train.steps=${STEPS[3]} --set train.batch_size=$B --set train.compile=true --out "$OUT/run-lsd-compile"
 
 
 if [ -f "$OUT/run-ddp/metrics.jsonl" ]; then
