@@ -29,8 +29,12 @@ METHOD_SPECS = {
     "esd": "checkerboard-esd.toml",
     "psd-u": "checkerboard-psd-u.toml",
     "psd-m": "checkerboard-psd-m.toml",
+    "esd-none": "checkerboard-esd.toml",
 }
-METHOD_LABELS = {"fm": "FM", "lsd": "LSD", "esd": "ESD", "psd-u": "PSD-U", "psd-m": "PSD-M"}
+#: variants of a spec: ESD with the gradient through the whole residual, one augmented jvp (MATH.md's 1 + C)
+METHOD_OVERRIDES = {"esd-none": ['objective.stop_gradient="none"']}
+METHOD_LABELS = {"fm": "FM", "lsd": "LSD", "esd": "ESD", "psd-u": "PSD-U", "psd-m": "PSD-M",
+                 "esd-none": "ESD, stop_gradient none"}
 
 #: the paper's training setup (MATH.md, Table 1) minus steps and batch: every method gets it, so the
 #: flow-matching baseline shares network, optimizer, clipping and EMA with the flow maps
@@ -76,8 +80,14 @@ def compile_method(method: str, batch: int, device: torch.device, width: int = 5
     from flowspec import compile_spec, load_spec
 
     overrides = PAPER_SETUP + [f"network.width={width}", f"network.depth={depth}", f"train.batch_size={batch}",
-                               f'train.device="{device.type}"', f"train.seed={seed}", *extra]
+                               f'train.device="{device.type}"', f"train.seed={seed}", *METHOD_OVERRIDES.get(method, ()), *extra]
     return compile_spec(load_spec(SPECS / METHOD_SPECS[method], overrides=overrides))
+
+
+def shown(path: Path) -> str:
+    """A path as a result file records it: relative to the repository root when inside it."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def default_out(name: str, device: torch.device) -> Path:

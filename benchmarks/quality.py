@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from benchmarks.common import (METHOD_LABELS, METHOD_SPECS, PAPER_SETUP, RESULTS, SPECS, print_table,
-                               resolve_device, setup_threads, write_result)
+from benchmarks.common import (METHOD_LABELS, METHOD_OVERRIDES, METHOD_SPECS, PAPER_SETUP, RESULTS, SPECS, print_table,
+                               resolve_device, setup_threads, shown, write_result)
 from flowspec import compile_spec, load_spec, train
 
 KS = [1, 2, 4, 8, 16]
@@ -39,7 +39,7 @@ def overrides(method: str, seed: int, steps: int, batch: int, num_samples: int, 
     o = PAPER_SETUP + [f"train.steps={steps}", f"train.batch_size={batch}", f"train.seed={seed}",
                        f'train.device="{device.type}"', "train.checkpoint_every=0", "train.keep_checkpoints=1",
                        f"train.log_every={max(1, min(50, steps))}", f"eval.num_samples={num_samples}",
-                       'eval.metrics=["kl", "energy"]', "eval.plot=false", "eval.flow_map_error=false"]
+                       'eval.metrics=["kl", "energy"]', "eval.plot=false", "eval.flow_map_error=false", *METHOD_OVERRIDES.get(method, ())]
     if method == "fm":
         # the baseline: the learned velocity v_{t,t} integrated by Euler with K steps and by dopri5;
         # its flow-map head (v_{s,t} off the diagonal) is untrained, so only K = 1 is evaluated and dropped
@@ -146,7 +146,7 @@ def main(argv=None) -> dict:
     agg = aggregate(runs)
     config = {"methods": a.methods.split(","), "seeds": a.seeds, "steps": a.steps, "batch": a.batch,
               "num_samples": a.num_samples, "dopri_tol": a.dopri_tol, "full": a.full, "threads": threads,
-              "ks": KS, "metrics": METRICS, "samples": samples_path.name, "runs_dir": str(run_root)}
+              "ks": KS, "metrics": METRICS, "samples": samples_path.name, "runs_dir": shown(run_root)}
     path = write_result(out, "quality", device, config, {"runs": runs, "aggregate": agg}, started)
     header = ["method"] + [f"K={k}" for k in KS] + ["dopri5 (NFE)"]
     rows = []

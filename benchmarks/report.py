@@ -88,6 +88,10 @@ def step_cost_section(name: str, r: dict) -> list[str]:
                                      f"even at C = 1.5" for v in floor) + ": with stop_gradient = \"full\" the "
                      "advective term is a second, gradient-free jvp, while the target assumes MATH.md's 1 + C "
                      "(one augmented jvp, which is stop_gradient = \"none\").")
+            single = res["methods"].get("esd-none")
+            if single is not None:
+                note += (f" That form measures {single['ratio']['median']:.3f} here ("
+                         + ("within" if single["meets_target"] else "above") + " the target).")
         jvp_missed = [v for v in missed if "C" in v["cost_formula"] and v not in floor]
         if jvp_missed and cm["median"] > 1.5:
             note += (f" A jvp costs C = {cm['median']:.2f} forwards here, not the 1.5 the cost model assumes: "

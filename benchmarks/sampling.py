@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, print_table, resolve_device, setup_threads, synchronize, write_result
+from benchmarks.common import RESULTS, print_table, resolve_device, setup_threads, shown, synchronize, write_result
 from flowspec import checkpoint, compile_spec, load_spec
 from flowspec.evaluate import base_samples, sample as flow_map_sample
 from flowspec.ode import ODEOptions, sample as ode_sample
@@ -105,7 +105,7 @@ def main(argv=None) -> dict:
         pick = max(ok, key=lambda r: r["tol"]) if ok else min(dopri, key=lambda r: r["kl"])
         matched[f"K-{k}"] = {"dopri5_tol": pick["tol"], "dopri5_nfe": pick["nfe"], "dopri5_kl": pick["kl"],
                              "reached": bool(ok), "speedup": mine["samples_per_second"] / pick["samples_per_second"]}
-    config = {"method": a.method, "runs": str(runs), "num_samples": n, "reps": a.reps, "threads": threads,
+    config = {"method": a.method, "runs": shown(runs), "num_samples": n, "reps": a.reps, "threads": threads,
               "tols": tols, "train_steps_of_runs": fmap.spec.train.steps, "batch_of_runs": fmap.spec.train.batch_size}
     results = {"rows": rows, "matched": matched}
     out = write_result(a.out or RESULTS / sub / "sampling.json", "sampling", device, config, results, started)

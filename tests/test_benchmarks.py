@@ -32,10 +32,12 @@ def test_benchmarks_and_report(tmp_path):
     tiny = ["--batch", "64", "--width", "16", "--depth", "2", "--reps", "2", "--inner", "1", "--warmup", "1"]
     step_cost.main(tiny + ["--out", str(cpu / "step_cost.json")])
     r = read(cpu / "step_cost.json")["results"]
-    assert set(r["methods"]) == {"fm", "lsd", "esd", "psd-u", "psd-m"}
+    assert set(r["methods"]) == {"fm", "lsd", "esd", "esd-none", "psd-u", "psd-m"}
     assert r["methods"]["fm"]["ratio"]["median"] == 1.0
     assert r["methods"]["lsd"]["model_ratio_c1.5"] == pytest.approx(0.25 * 2.5 + 0.75)
     assert r["methods"]["psd-u"]["model_ratio_c1.5"] == pytest.approx(0.25 * 3 + 0.75)
+    # the ESD spec as written (stop_gradient = "full") and its one-jvp variant
+    assert (r["methods"]["esd"]["cost_formula"], r["methods"]["esd-none"]["cost_formula"]) == ("1 + 2C", "1 + C")
     assert r["C"]["C"]["median"] > 0
 
     overhead.main(tiny + ["--out", str(cpu / "overhead.json")])
