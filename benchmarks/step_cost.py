@@ -18,6 +18,7 @@ import argparse
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import (METHOD_LABELS, compile_method, default_out, interleaved, print_table, ratios,
                                resolve_device, setup_threads, summary, write_result)
@@ -34,6 +35,14 @@ def loss_backward(graph):
         out = graph.objective(graph.model, graph.interpolant, graph.teacher, graph.batch(graph.spec.train.batch_size))
         out.loss.backward()
     return run
+
+
+def count_flops(graph) -> int:
+    """FLOPs of the matrix products (linear layers, convolutions, attention) in one loss + backward.
+    They depend on the batch size and eta, not on the sampled times or the data."""
+    with FlopCounterMode(display=False) as counter:
+        loss_backward(graph)()
+    return counter.get_total_flops()
 
 
 def measure_c(graph, device, reps: int, inner: int, warmup: int) -> dict:
@@ -81,6 +90,7 @@ def main(argv=None) -> dict:
     lb_times = interleaved({m: loss_backward(graphs[m]) for m in methods}, device, a.reps, a.inner, a.warmup)
     c = measure_c(graphs["fm"], device, a.reps, a.inner, a.warmup)
     c_measured = c["C"]["median"]
+    flops = {m: count_flops(graphs[m]) for m in methods}
     results = {"C": c, "methods": {}}
     rows = []
     for m in methods:
@@ -94,11 +104,12 @@ def main(argv=None) -> dict:
             "step_ms": summary(step_times[m]), "ratio": r,
             "loss_backward_ms": summary(lb_times[m]), "loss_backward_ratio": rlb,
             "model_ratio_c1.5": obj.step_cost(1.5), "model_ratio_c_measured": obj.step_cost(c_measured),
+            "flops": flops[m], "flop_ratio": flops[m] / flops["fm"],
             "target": target, "meets_target": (r["median"] <= target) if target else None,
         }
         rows.append([METHOD_LABELS[m], f"{summary(step_times[m])['median']:.1f}",
                      f"{r['median']:.3f} [{r['p25']:.3f}, {r['p75']:.3f}]",
-                     f"{rlb['median']:.3f}", results["methods"][m]["cost_formula"],
+                     f"{rlb['median']:.3f}", f"{flops[m] / flops['fm']:.3f}", results["methods"][m]["cost_formula"],
                      f"{obj.step_cost(1.5):.3f}", f"{obj.step_cost(c_measured):.3f}",
                      f"{target}" if target else "-"])
     config = {"batch": a.batch, "width": a.width, "depth": a.depth, "reps": a.reps, "inner": a.inner,
@@ -106,7 +117,7 @@ def main(argv=None) -> dict:
     out = write_result(a.out or default_out("step_cost", device), "step_cost", device, config, results, started)
     print_table(f"Step cost on {device} ({a.depth} x {a.width} MLP, batch {a.batch}, {threads} thread(s)); "
                 f"measured C = {c_measured:.2f}; written to {out}",
-                ["method", "ms/step", "ratio to FM [IQR]", "loss+bwd ratio", "c_D", "model C=1.5",
+                ["method", "ms/step", "ratio to FM [IQR]", "loss+bwd ratio", "FLOP ratio", "c_D", "model C=1.5",
                  "model C=meas", "target"], rows)
     return results
 

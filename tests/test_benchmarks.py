@@ -38,6 +38,11 @@ def test_benchmarks_and_report(tmp_path):
     assert r["methods"]["psd-u"]["model_ratio_c1.5"] == pytest.approx(0.25 * 3 + 0.75)
     # the ESD spec as written (stop_gradient = "full") and its one-jvp variant
     assert (r["methods"]["esd"]["cost_formula"], r["methods"]["esd-none"]["cost_formula"]) == ("1 + 2C", "1 + C")
+    # counted matrix products: one augmented jvp costs what LSD's jvp in t does; the full stop-gradient's
+    # second, graph-free jvp adds to it; PSD's three passes (one with a graph) cost less than either
+    flops = {m: v["flop_ratio"] for m, v in r["methods"].items()}
+    assert flops["fm"] == 1.0 and flops["esd-none"] == flops["lsd"] and flops["psd-u"] == flops["psd-m"]
+    assert 1.0 < flops["psd-u"] < flops["lsd"] < flops["esd"]
     assert r["C"]["C"]["median"] > 0
 
     overhead.main(tiny + ["--out", str(cpu / "overhead.json")])
