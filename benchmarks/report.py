@@ -285,9 +285,9 @@ def main(argv=None) -> Path:
         any_found = True
         lines += [f"## {title}", ""]
         if sub == "cpu":
-            lines += ["Timings on the CPU were taken on a shared, loaded 2-core machine (other jobs ran at the same "
-                      "time): absolute milliseconds are noisy, ratios measured interleaved in one process are what "
-                      "is robust to that.", ""]
+            lines += ["Timings on the CPU come from a small machine that other jobs may share (each table gives the "
+                      "load average at its end): absolute milliseconds are noisy, ratios measured interleaved in one "
+                      "process are what is robust to that.", ""]
         for name, r in rec.items():
             if r.get("benchmark") == "step_cost":
                 lines += step_cost_section(name, r)
