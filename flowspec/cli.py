@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -24,9 +25,12 @@ err = Console(stderr=True)
 SetOption = typer.Option(None, "--set", help="override a spec value: section.key=value (repeatable)")
 
 
-def warn(line: str) -> None:
-    """A one-line warning on stderr, never wrapped."""
-    print(line, file=sys.stderr, flush=True)
+def warn(*lines: str) -> None:
+    """Lines on stderr, never wrapped, in one write: the processes of a data-parallel run share
+    stderr, unbuffered (torchrun starts them with python -u), and print() writes a line and its
+    newline apart, so that two processes' lines would run into each other."""
+    sys.stderr.write("".join(f"{line}\n" for line in lines))
+    sys.stderr.flush()
 
 
 def _load(spec: Path, overrides: Optional[List[str]]):
@@ -64,17 +68,24 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this machine: "
                                   "shortcut for torchrun --standalone --nproc_per_node N -m flowspec run ...")) -> None:
     """Train, evaluate and write a run folder (or continue one with --resume)."""
-    from flowspec.train import make_run_dir, train
+    from flowspec.train import make_run_dir, refuse_existing, train
 
+    if resume is not None and (out_dir is not None or force):
+        raise UserError("run: --resume continues RUN_DIR in place; --out and --force do not apply to it")
+    if resume is None and spec is None:
+        raise UserError("run: missing the spec file (usage: flowspec run SPEC, or flowspec run --resume RUN_DIR)")
     if nproc > 1 and not distributed.launched():
+        # bad input fails here, in one line, before torchrun starts any process
+        if resume is not None:
+            resumed_spec(resume, spec, set_)
+        else:
+            _load(spec, set_)
+            if out_dir is not None:
+                refuse_existing(out_dir, force)
         raise typer.Exit(launch(nproc, spec, set_, runs_dir, out_dir, force, resume))
     if resume is not None:
-        if out_dir is not None or force:
-            raise UserError("run: --resume continues RUN_DIR in place; --out and --force do not apply to it")
         run_resumed(resume, spec, set_)
         return
-    if spec is None:
-        raise UserError("run: missing the spec file (usage: flowspec run SPEC, or flowspec run --resume RUN_DIR)")
     s = _load(spec, set_)
     ctx = _join(s)
     graph = _compile(s, spec)
@@ -104,12 +115,15 @@ def _join(s):
 
 
 def launch(nproc: int, spec, overrides, runs_dir: Path, out_dir, force: bool, resume) -> int:
-    """``run --nproc N``: start N processes of ``flowspec run`` through torchrun on this machine
-    (standalone rendezvous); returns torchrun's exit status."""
-    import subprocess
+    """``run --nproc N``: run torchrun (standalone rendezvous) in this process to start N processes
+    of ``flowspec run`` on this machine; returns the exit status of the first process to fail (or
+    0). The processes print their own errors; a failure ends with one line here instead of
+    torchrun's traceback."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run as torchrun
 
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            "-m", "flowspec", "run"]
+    args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "flowspec", "run"]
     if spec is not None:
         args.append(str(spec))
     for item in overrides or []:
@@ -121,19 +135,40 @@ def launch(nproc: int, spec, overrides, runs_dir: Path, out_dir, force: bool, re
         args.append("--force")
     if resume is not None:
         args += ["--resume", str(resume)]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default too, said out loud
-    return subprocess.call(args, env=env)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default too, said out loud
+    try:
+        torchrun(parse_args(args))
+    except ChildFailedError as exc:  # torchrun has stopped the other processes
+        rank, failure = exc.get_first_failure()
+        code = failure.exitcode
+        how = f"exit status {code}" if code > 0 else signal.Signals(-code).name
+        warn(f"run --nproc {nproc}: rank {rank} failed first ({how}); its error is above")
+        return code if code > 0 else 128 - code
+    except SignalException as exc:  # torchrun has passed the signal on to the processes and stopped them
+        warn(f"run --nproc {nproc}: stopped by {exc.sigval.name}")
+        return 128 + int(exc.sigval)
+    return 0
+
+
+def resumed_spec(run_dir: Path, spec: Optional[Path], overrides: Optional[List[str]]):
+    """(the spec to resume ``run_dir`` with, the file it came from): ``spec``, or the run's own
+    spec.toml, with ``overrides``; an error if it differs from the run's but for train.steps."""
+    from flowspec.train import check_resumable
+
+    if not (run_dir / "spec.toml").is_file():
+        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
+    source = spec if spec is not None else run_dir / "spec.toml"
+    s = _load(source, overrides)
+    # the run's own spec can only differ through --set: name that, not the file, in the message
+    check_resumable(run_dir, s, str(spec) if spec is not None else "--set")
+    return s, source
 
 
 def run_resumed(run_dir: Path, spec: Optional[Path], overrides: Optional[List[str]]) -> None:
     """``run --resume``: the run's own spec (or ``spec``, which must match it but for train.steps)."""
     from flowspec.train import resume, train
 
-    if not (run_dir / "spec.toml").is_file():
-        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
-    source = spec if spec is not None else run_dir / "spec.toml"
-    s = _load(source, overrides)
+    s, source = resumed_spec(run_dir, spec, overrides)
     ctx = _join(s)
     graph = resume(run_dir, s, str(source), warn, compile=lambda spec: _compile(spec, source))
     if ctx.is_main:
@@ -289,23 +324,21 @@ def main() -> None:
     except UserError as exc:
         if debug:
             raise
-        for line in exc.lines:
-            print(line, file=sys.stderr)
+        warn(*exc.lines)
         sys.exit(exc.exit_code)
     except OSError as exc:  # a full disk or a vanished folder outside the places that name their file
         if debug:
             raise
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"flowspec: {where}{exc.strerror or exc}", file=sys.stderr)
+        warn(f"flowspec: {where}{exc.strerror or exc}")
         sys.exit(1)
     except KeyboardInterrupt:
-        print("flowspec: interrupted", file=sys.stderr)
+        warn("flowspec: interrupted")
         sys.exit(130)
     except Exception as exc:
         if debug:
             raise
-        print(f"flowspec: internal error: {type(exc).__name__}: {exc} "
-              "(set FLOWSPEC_DEBUG=1 for the traceback)", file=sys.stderr)
+        warn(f"flowspec: internal error: {type(exc).__name__}: {exc} (set FLOWSPEC_DEBUG=1 for the traceback)")
         sys.exit(1)
 
 

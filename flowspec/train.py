@@ -45,12 +45,19 @@ def environment(graph: TrainingGraph) -> dict:
     return env
 
 
+def refuse_existing(path: Path, force: bool) -> bool:
+    """True when ``path`` is a non-empty folder that ``force`` allows to overwrite; an error without it."""
+    if not (path.exists() and any(path.iterdir())):
+        return False
+    if not force:
+        raise UserError(f"{path}: run folder exists (use --force to overwrite, or --out for another)")
+    return True
+
+
 def make_run_dir(name: str, runs_dir: Path = Path("runs"), out: Path | None = None, force: bool = False) -> Path:
     """Create the run folder; an existing one is refused unless ``force`` (then it is emptied)."""
     path = out if out is not None else runs_dir / f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    if path.exists() and any(path.iterdir()):
-        if not force:
-            raise UserError(f"{path}: run folder exists (use --force to overwrite, or --out for another)")
+    if refuse_existing(path, force):
         shutil.rmtree(path)
     created = not path.exists()
     try:
@@ -273,6 +280,20 @@ def spec_differences(a, b, ignore: tuple[str, ...] = ("train.steps",)) -> list[s
     return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k, None) != fb.get(k, None))
 
 
+def check_resumable(run_dir: Path, spec, source: str) -> None:
+    """An error unless ``run_dir`` is a run folder whose spec equals ``spec`` but for train.steps;
+    ``source`` names where ``spec`` came from."""
+    from flowspec.spec import load_spec
+
+    stored_path = run_dir / "spec.toml"
+    if not stored_path.is_file():
+        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
+    diff = spec_differences(load_spec(stored_path), spec)
+    if diff:
+        raise UserError(f"{source}: differs from the run's spec {stored_path} in {', '.join(diff)} "
+                        "(only train.steps may change on resume)")
+
+
 def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGraph:
     """Compile ``spec`` and restore the run folder's newest good checkpoint into it.
 
@@ -287,16 +308,8 @@ def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGrap
         The graph at the checkpoint's step; metrics.jsonl is truncated to match it.
     """
     from flowspec.compile import compile_spec
-    from flowspec.spec import load_spec
 
-    stored_path = run_dir / "spec.toml"
-    if not stored_path.exists():
-        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
-    stored = load_spec(stored_path)
-    diff = spec_differences(stored, spec)
-    if diff:
-        raise UserError(f"{source}: differs from the run's spec {stored_path} in {', '.join(diff)} "
-                        "(only train.steps may change on resume)")
+    check_resumable(run_dir, spec, source)
     graph = (compile or compile_spec)(spec)
     main = graph.dist.is_main
     if main:

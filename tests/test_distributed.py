@@ -21,6 +21,8 @@ from flowspec.compile import compile_spec, rank_seeds
 from flowspec.objectives.base import Batch
 from flowspec.spec import validate
 
+SPECS = Path(__file__).resolve().parent.parent / "specs"
+
 SPEC = {"data": {"kind": "digits"}, "interpolant": {"kind": "linear", "base_scale": 0.5},
         "network": {"kind": "unet", "channels": 8, "channel_mult": [1, 2], "num_blocks": 1,
                     "attention_resolutions": [4], "channels_per_head": 4, "embedding_dim": 8},
@@ -142,3 +144,39 @@ def test_flowspec_run_nproc_2_writes_one_folder_evaluates_sharded_and_resumes(tm
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval" not in r] == [1, 2, 3]
     assert checkpoint.pointer(run_dir / "checkpoints") == "step-00000003"
+
+
+def test_nproc_bad_input_is_one_line_before_any_process_starts(tmp_path):
+    """Spec, override, run-folder and resume mistakes fail in the launching process, one line each,
+    with no torchrun report; a rank that fails later is summed up in one line, not a traceback."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[data]\nkind = "checkerbord"\n[objective]\ncharacterization = "lagrangian"\n')
+    r = _run(["run", str(bad), "--nproc", "2"], tmp_path)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
+    assert r.stderr.startswith(f"{bad}: data.kind: unknown name 'checkerbord' (known: ")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "x").write_text("")
+    r = _run(["run", str(SPECS / "checkerboard-lsd.toml"), "--nproc", "2", "--out", str(taken)], tmp_path)
+    assert (r.returncode, r.stderr) == (2, f"{taken}: run folder exists (use --force to overwrite, or --out for another)\n")
+    # a rank fails: its one line (torchrun may stop the other rank before it prints), then one summary
+    spec = tmp_path / "mnist.toml"
+    spec.write_text((SPECS / "digits-lsd.toml").read_text().replace('kind = "digits"', 'kind = "mnist"'))
+    r = _run(["run", str(spec), "--nproc", "2", "--set", f'data.root="{tmp_path}"', "--out", str(tmp_path / "m")],
+             tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if f"{spec}: data.root: MNIST" in line]
+    assert lines and all(line.startswith(str(spec)) and line.endswith("or set data.root to its folder)")
+                         for line in lines)  # whole lines, however many ranks got to print theirs
+    assert r.stderr.splitlines()[-1] in [f"run --nproc 2: rank {k} failed first (exit status 2); its error is above"
+                                         for k in (0, 1)]
+    assert not (tmp_path / "m").exists()
+
+
+def test_nproc_resume_checks_the_spec_before_any_process_starts(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "spec.toml").write_text((SPECS / "checkerboard-lsd.toml").read_text())
+    r = _run(["run", "--resume", str(run_dir), "--set", "eval.num_samples=5", "--nproc", "2"], tmp_path)
+    assert (r.returncode, r.stderr) == (2, f"--set: differs from the run's spec {run_dir / 'spec.toml'} in "
+                                           "eval.num_samples (only train.steps may change on resume)\n")
