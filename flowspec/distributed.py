@@ -24,6 +24,7 @@ else gloo (CPU runs, or several ranks sharing one GPU).
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -70,7 +71,15 @@ def init(device_type: str) -> Context:
         if chosen == "nccl":  # each process on its own GPU before NCCL picks one
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(chosen, timeout=datetime.timedelta(minutes=30))
+        # leave the group at exit, also after an error or a signal: a process that exits with the
+        # group's threads still running aborts ("terminate called without an active exception")
+        atexit.register(_leave)
     return current()
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def current() -> Context:
