@@ -129,7 +129,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     because no fused kernel has a forward-AD rule, and the forward-AD rules of the math kernel and
     of ``torch.softmax`` overwrite a tensor that the backward pass needs (reverse mode through a
     dual-tensor tangent then fails). Networks with attention call this, not SDPA or softmax."""
-    if not active():
+    # a compiled network never runs inside a jvp (flowspec.flowmap), and reading the context variable
+    # would break its graph here: dynamo then compiles this function apart, per shape, dynamically
+    if torch.compiler.is_compiling() or not active():
         return F.scaled_dot_product_attention(q, k, v)
     logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     e = (logits - logits.amax(-1, keepdim=True).detach()).exp()  # softmax's own forward-AD rule

@@ -119,3 +119,14 @@ def test_compiled_forward_passes_and_eager_jvps():
     assert not any("_orig_mod" in k for k in fm.state_dict())
     assert copy.deepcopy(fm)._compiled is None
     hook.remove()
+
+
+def test_the_unet_compiles_to_one_graph():
+    """No graph break: at a break dynamo compiles the callee apart, and attention's, called at several
+    shapes, went dynamic and crashed inductor on the CIFAR-10 U-Net (reading the jvp context variable
+    was the break)."""
+    import torch._dynamo
+
+    x, s, t = _inputs()
+    explained = torch._dynamo.explain(tiny_unet())(x, s, t)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
