@@ -51,10 +51,6 @@ def provenance(r: dict) -> list[str]:
             f"- Machine: {machine_line(r['machine'])}", ""]
 
 
-def flop_ratio(v: dict) -> str:
-    return f"{v['flop_ratio']:.3f}" if "flop_ratio" in v else "-"  # (older result files have none)
-
-
 def step_cost_section(name: str, r: dict) -> list[str]:
     c = r["config"]
     res = r["results"]
@@ -77,7 +73,7 @@ def step_cost_section(name: str, r: dict) -> list[str]:
         r_ = v["ratio"]
         met = "-" if v["target"] is None else ("yes" if v["meets_target"] else "**no**")
         lines.append(f"| {v['label']} | {v['step_ms']['median']:.1f} | {r_['median']:.3f} [{r_['p25']:.3f}, "
-                     f"{r_['p75']:.3f}] | {v['loss_backward_ratio']['median']:.3f} | {flop_ratio(v)} | {v['cost_formula']} | "
+                     f"{r_['p75']:.3f}] | {v['loss_backward_ratio']['median']:.3f} | {v['flop_ratio']:.3f} | {v['cost_formula']} | "
                      f"{v['model_ratio_c1.5']:.3f} | {v['model_ratio_c_measured']:.3f} | "
                      f"{v['target'] if v['target'] else '-'} | {met} |")
     missed = [v for v in res["methods"].values() if v["target"] is not None and not v["meets_target"]]
@@ -86,12 +82,12 @@ def step_cost_section(name: str, r: dict) -> list[str]:
             + ("." if paper_setting else f"; this table is at {c['depth']} x {c['width']}, batch {c['batch']}."))
     if missed:
         note += " Missed: " + "; ".join(
-            f"{v['label']} (measured {v['ratio']['median']:.3f} against {v['target']}; FLOP ratio {flop_ratio(v)}; "
+            f"{v['label']} (measured {v['ratio']['median']:.3f} against {v['target']}; FLOP ratio {v['flop_ratio']:.3f}; "
             f"cost model {v['model_ratio_c_measured']:.3f} with the measured C, {v['model_ratio_c1.5']:.3f} with C = 1.5)"
             for v in missed) + "."
-        floor = [v for v in missed if v.get("flop_ratio", v["model_ratio_c1.5"]) > v["target"]]
+        floor = [v for v in missed if v["flop_ratio"] > v["target"]]
         for v in floor:
-            note += (f" {v['label']}'s matrix products alone are {flop_ratio(v)} times flow matching's, above its "
+            note += (f" {v['label']}'s matrix products alone are {v['flop_ratio']:.3f} times flow matching's, above its "
                      "target: no implementation of these products gets under it where they dominate the time.")
             if "2C" in v["cost_formula"]:
                 note += (" With stop_gradient = \"full\" the advective term is a second, gradient-free jvp, while "
@@ -100,12 +96,12 @@ def step_cost_section(name: str, r: dict) -> list[str]:
                 if single is not None:
                     note += (f" That form measures {single['ratio']['median']:.3f} here ("
                              + ("within" if single["meets_target"] else "above") + " the target).")
-                    if "flop_ratio" in v and "flop_ratio" in single:  # the second jvp = its primal + its tangent
-                        note += (" Sharing one primal pass between the two jvps would count about "
-                                 f"{(v['flop_ratio'] + single['flop_ratio']) / 2:.2f}, but needs two tangents in one "
-                                 "forward pass with a graph for one of them only. PyTorch's dual tensors carry one "
-                                 "tangent (no nested levels); vmapping torch.func.jvp over both tangents puts both in "
-                                 "the backward pass, which then costs more products than the pass saves.")
+                    # the second jvp is a primal pass and a tangent pass: sharing the primal saves half of it
+                    note += (" Sharing one primal pass between the two jvps would count about "
+                             f"{(v['flop_ratio'] + single['flop_ratio']) / 2:.2f}, but needs two tangents in one "
+                             "forward pass with a graph for one of them only. PyTorch's dual tensors carry one "
+                             "tangent (no nested levels); vmapping torch.func.jvp over both tangents puts both in "
+                             "the backward pass, which then costs more products than the pass saves.")
         rest = [v for v in missed if v not in floor]
         if rest:
             note += (" " + ", ".join(v["label"] for v in rest) + " missed although the FLOP ratio is within the "

@@ -107,11 +107,10 @@ def main(argv=None) -> dict:
             "flops": flops[m], "flop_ratio": flops[m] / flops["fm"],
             "target": target, "meets_target": (r["median"] <= target) if target else None,
         }
-        rows.append([METHOD_LABELS[m], f"{summary(step_times[m])['median']:.1f}",
-                     f"{r['median']:.3f} [{r['p25']:.3f}, {r['p75']:.3f}]",
-                     f"{rlb['median']:.3f}", f"{flops[m] / flops['fm']:.3f}", results["methods"][m]["cost_formula"],
-                     f"{obj.step_cost(1.5):.3f}", f"{obj.step_cost(c_measured):.3f}",
-                     f"{target}" if target else "-"])
+        v = results["methods"][m]
+        rows.append([v["label"], f"{v['step_ms']['median']:.1f}", f"{r['median']:.3f} [{r['p25']:.3f}, {r['p75']:.3f}]",
+                     f"{rlb['median']:.3f}", f"{v['flop_ratio']:.3f}", v["cost_formula"],
+                     f"{v['model_ratio_c1.5']:.3f}", f"{v['model_ratio_c_measured']:.3f}", f"{target}" if target else "-"])
     config = {"batch": a.batch, "width": a.width, "depth": a.depth, "reps": a.reps, "inner": a.inner,
               "warmup": a.warmup, "threads": threads, "methods": methods}
     out = write_result(a.out or default_out("step_cost", device), "step_cost", device, config, results, started)

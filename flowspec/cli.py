@@ -68,7 +68,7 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this machine: "
                                   "shortcut for torchrun --standalone --nproc_per_node N -m flowspec run ...")) -> None:
     """Train, evaluate and write a run folder (or continue one with --resume)."""
-    from flowspec.train import make_run_dir, refuse_existing, train
+    from flowspec.train import check_resumable, make_run_dir, refuse_existing, train
 
     if resume is not None and (out_dir is not None or force):
         raise UserError("run: --resume continues RUN_DIR in place; --out and --force do not apply to it")
@@ -77,7 +77,8 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
     if nproc > 1 and not distributed.launched():
         # bad input fails here, in one line, before torchrun starts any process
         if resume is not None:
-            resumed_spec(resume, spec, set_)
+            s, _, name = resumed_spec(resume, spec, set_)
+            check_resumable(resume, s, name)
         else:
             _load(spec, set_)
             if out_dir is not None:
@@ -151,26 +152,22 @@ def launch(nproc: int, spec, overrides, runs_dir: Path, out_dir, force: bool, re
 
 
 def resumed_spec(run_dir: Path, spec: Optional[Path], overrides: Optional[List[str]]):
-    """(the spec to resume ``run_dir`` with, the file it came from): ``spec``, or the run's own
-    spec.toml, with ``overrides``; an error if it differs from the run's but for train.steps."""
-    from flowspec.train import check_resumable
+    """(the spec to continue ``run_dir`` with: ``spec``, or the run's own spec.toml, with ``overrides``;
+    the file it came from; its name in messages: that file, or ``--set``, the only way the run's own
+    spec can differ from the run's)."""
+    from flowspec.train import run_spec_path
 
-    if not (run_dir / "spec.toml").is_file():
-        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
-    source = spec if spec is not None else run_dir / "spec.toml"
-    s = _load(source, overrides)
-    # the run's own spec can only differ through --set: name that, not the file, in the message
-    check_resumable(run_dir, s, str(spec) if spec is not None else "--set")
-    return s, source
+    source = spec if spec is not None else run_spec_path(run_dir)
+    return _load(source, overrides), source, str(spec) if spec is not None else "--set"
 
 
 def run_resumed(run_dir: Path, spec: Optional[Path], overrides: Optional[List[str]]) -> None:
     """``run --resume``: the run's own spec (or ``spec``, which must match it but for train.steps)."""
     from flowspec.train import resume, train
 
-    s, source = resumed_spec(run_dir, spec, overrides)
+    s, source, name = resumed_spec(run_dir, spec, overrides)
     ctx = _join(s)
-    graph = resume(run_dir, s, str(source), warn, compile=lambda spec: _compile(spec, source))
+    graph = resume(run_dir, s, name, warn, compile=lambda spec: _compile(spec, source))
     if ctx.is_main:
         err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir} (resumed at step {graph.step_count})",
                   soft_wrap=True)

@@ -280,14 +280,20 @@ def spec_differences(a, b, ignore: tuple[str, ...] = ("train.steps",)) -> list[s
     return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k, None) != fb.get(k, None))
 
 
+def run_spec_path(run_dir: Path) -> Path:
+    """``run_dir/spec.toml``; an error if ``run_dir`` is not a run folder."""
+    path = run_dir / "spec.toml"
+    if not path.is_file():
+        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
+    return path
+
+
 def check_resumable(run_dir: Path, spec, source: str) -> None:
     """An error unless ``run_dir`` is a run folder whose spec equals ``spec`` but for train.steps;
     ``source`` names where ``spec`` came from."""
     from flowspec.spec import load_spec
 
-    stored_path = run_dir / "spec.toml"
-    if not stored_path.is_file():
-        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
+    stored_path = run_spec_path(run_dir)
     diff = spec_differences(load_spec(stored_path), spec)
     if diff:
         raise UserError(f"{source}: differs from the run's spec {stored_path} in {', '.join(diff)} "
@@ -300,7 +306,7 @@ def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGrap
     Args:
         run_dir: the run folder (with the resolved ``spec.toml`` and ``checkpoints/``).
         spec: the spec to continue with; it may differ from the run's only in ``train.steps``.
-        source: where ``spec`` came from (for messages).
+        source: where ``spec`` came from, for messages (a file, or ``--set``).
         warn: callback for one-line warnings (corrupted checkpoints skipped).
         compile: builds the graph (default :func:`flowspec.compile.compile_spec`).
 

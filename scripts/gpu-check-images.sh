@@ -73,17 +73,18 @@ fi
 COMMON=(--set "data.root=\"$CIFAR\"" --set 'eval.metrics=[]' --set 'eval.metric_options={}'
         --set eval.num_samples=64 --set 'eval.steps=[1,2]' --set train.checkpoint_every=0
         --set train.log_every=5 --set "train.device=\"$DEVICE\"" --force)
-# batch sizes of the checks: LSD / PSD-M / compile, and the 2-process run's (split over the ranks)
-B=128; B2=64; STEPS=(20 10 6 10)
+# batch sizes of the checks: LSD / PSD-M / compile, the 2-process run's (split over the ranks), the jvp check's
+B=128; B2=64; JB=16; STEPS=(20 10 6 10); NET=()
 if [ "$SMOKE" = 1 ]; then  # a small U-Net with the same layer types, attention included
-  COMMON+=(--set network.channels=16 --set 'network.channel_mult=[1,2]' --set network.num_blocks=1
-           --set 'network.attention_resolutions=[16]' --set network.channels_per_head=8)
-  B=8; B2=8; STEPS=(3 2 2 2)
+  NET=(network.channels=16 'network.channel_mult=[1,2]' network.num_blocks=1
+       'network.attention_resolutions=[16]' network.channels_per_head=8)
+  for item in "${NET[@]}"; do COMMON+=(--set "$item"); done
+  B=8; B2=8; JB=4; STEPS=(3 2 2 2)
 fi
 
 cat > "$OUT/jvp_check.py" <<'PY'
 """bf16-autocast jvp (flowspec.jvp: autocast off, attention written out) vs a float32 jvp on the CIFAR U-Net."""
-import json, os, sys
+import os, sys
 import torch
 from flowspec.flowmap import FlowMap
 from flowspec.jvp import jvp
@@ -130,9 +131,7 @@ check lsd-bf16 90 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" \
   --set train.steps=${STEPS[0]} --set train.batch_size=$B --set train.compile=false --out "$OUT/run-lsd-bf16"
 check psd-m-bf16 90 python -m flowspec run specs/cifar10-psd-m.toml "${COMMON[@]}" \
   --set train.steps=${STEPS[1]} --set train.batch_size=$B --set train.compile=false --out "$OUT/run-psdm-bf16"
-# the U-Net of the spec (of SMOKE's overrides in a dry run)
-NET=(); [ "$SMOKE" = 1 ] && NET=(network.channels=16 'network.channel_mult=[1,2]' network.num_blocks=1 network.channels_per_head=8)
-check jvp-bf16-vs-fp32 90 env DEVICE="$DEVICE" JVP_BATCH=$([ "$SMOKE" = 1 ] && echo 4 || echo 16) python "$OUT/jvp_check.py" "${NET[@]}"
+check jvp-bf16-vs-fp32 90 env DEVICE="$DEVICE" JVP_BATCH=$JB python "$OUT/jvp_check.py" "${NET[@]}"
 check ddp-2proc 150 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" --nproc 2 \
   --set train.steps=${STEPS[2]} --set train.batch_size=$B2 --set train.compile=false --set train.checkpoint_every=3 \
   --out "$OUT/run-ddp"

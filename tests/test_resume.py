@@ -177,8 +177,7 @@ def test_resume_with_a_different_spec_names_the_keys(spec_path, reference, tmp_p
 def test_resume_with_a_shorter_budget_is_refused(reference, main):
     code, _, err = main("run", "--resume", reference, "--set", "train.steps=5")
     assert code == 2
-    assert err.strip() == (f"{reference / 'spec.toml'}: train.steps: 5 is below the checkpoint's "
-                           f"step {STEPS} (valid: >= {STEPS})")
+    assert err.strip() == f"--set: train.steps: 5 is below the checkpoint's step {STEPS} (valid: >= {STEPS})"
 
 
 def test_resume_with_a_longer_budget_continues(reference, tmp_path, main):
