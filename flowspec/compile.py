@@ -69,20 +69,35 @@ def lr_factor(spec_train, step: int) -> float:
 
 
 class EMA:
-    """Exponential moving average of a module's parameters and buffers, warmed up:
-    decay_k = min(ema, (1 + k) / (10 + k)), so a short run's average is not the random init."""
+    """Exponential moving average of a module's parameters (buffers are copied), theta_ema <-
+    theta_ema + w_k (theta - theta_ema) at the k-th update (k = 1, 2, ...), w_k = 1 - d_k:
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
+    * "plain": d_k = decay, started from the initial weights (the reference code's EMA);
+    * "warmup": d_k = min(decay, (1 + k) / (10 + k)), so a short run's average forgets the init;
+    * "bias_corrected": w_k = (1 - decay) / (1 - decay^k), Adam's bias correction: the average
+      of the iterates weighted by decay^(k - j) and normalised, exactly (the init gets weight 0).
+    """
+
+    def __init__(self, model: torch.nn.Module, decay: float, schedule: str = "plain"):
+        self.decay, self.schedule = decay, schedule
         self.model = copy.deepcopy(model).requires_grad_(False).eval()
         self.updates = 0
+
+    def weight(self, k: int) -> float:
+        """w_k, the weight of the current parameters at the k-th update."""
+        d = self.decay
+        if self.schedule == "warmup":
+            return 1 - min(d, (1 + k) / (10 + k))
+        if self.schedule == "bias_corrected":
+            return (1 - d) / (1 - d**k) if d > 0 else 1.0
+        return 1 - d
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        w = self.weight(self.updates)
         for e, p in zip(self.model.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - d)
+            e.lerp_(p.detach(), w)
         for e, b in zip(self.model.buffers(), model.buffers()):
             e.copy_(b)
 
@@ -205,6 +220,13 @@ def _frozen_teacher(spec: BaseModel, registry: Registry, dataset: Dataset, devic
     return _AnalyticPlaceholder()
 
 
+def preconditioning(scale: float | str, dataset: Dataset) -> float:
+    """The flow map's c: a number as given, or "data_std": sqrt(mean_d std_d^2) of the data."""
+    if scale == "data_std":
+        return float(dataset.std().double().pow(2).mean().sqrt())
+    return float(scale)
+
+
 def _seed(seed: int) -> None:
     """Seed torch's, numpy's and python's global RNGs, for components that use them."""
     torch.manual_seed(seed)
@@ -245,11 +267,12 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
         from flowspec.weighting import LogVarianceWeight
 
         log_weight = LogVarianceWeight()
-    # image networks carry their preconditioning c: X = x + (t - s) c net(x / c, s, t)
-    model = FlowMap(net, scale=getattr(net, "scale", 1.0), log_weight=log_weight).to(device, DTYPES[o.precision])
+    # every network's options carry its preconditioning c: X = x + (t - s) c net(x / c, s, t)
+    model = FlowMap(net, scale=preconditioning(spec.network.scale, dataset),
+                    log_weight=log_weight).to(device, DTYPES[o.precision])
     if ctx.enabled:  # identical weights everywhere (the same seed gives them too; this makes sure)
         distributed.broadcast_module(model)
-    ema = EMA(model, o.ema)
+    ema = EMA(model, o.ema, o.ema_schedule)
     if o.compile:
         model.compile_network()
     teacher = SelfTeacher(ema.model if objective.options.ema_target else model)

@@ -43,12 +43,16 @@ class TrainOptions(BaseModel):
     optimizer: Literal["adam", "radam"] = "radam"
     lr: float = Field(1e-3, gt=0, description="peak learning rate")
     schedule: Literal["constant", "cosine", "sqrt"] = Field(
-        "constant", description="constant; cosine to 0 over the run; sqrt: lr / sqrt(max(1, step / decay_start))"
+        "constant", description="constant; cosine to 0 over the run; sqrt: lr / sqrt(max(1, step / decay_start)) "
+        "(the reference code's, decay_start = 35000 at the paper's budget)"
     )
     warmup_steps: int = Field(0, ge=0, description="linear warm-up from 0 to lr")
     decay_start: int = Field(1000, ge=1, description="sqrt schedule: step where the decay begins")
     grad_clip: float = Field(10.0, ge=0, description="max global gradient norm; 0 disables clipping")
-    ema: float = Field(0.999, ge=0, lt=1, description="EMA decay (warmed up: min(ema, (1+k)/(10+k))); 0 disables")
+    ema: float = Field(0.999, ge=0, lt=1, description="EMA decay d (0: the EMA is the current weights)")
+    ema_schedule: Literal["plain", "warmup", "bias_corrected"] = Field(
+        "bias_corrected", description="plain: decay d from the initial weights (the reference code); warmup: "
+        "min(d, (1+k)/(10+k)); bias_corrected: weight (1-d)/(1-d^k) at update k, Adam's correction (no init bias)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds weights, data and times: a CPU run is reproducible bit for bit")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     checkpoint_every: int = Field(1000, ge=0, description="steps between checkpoints (0: at the end only)")

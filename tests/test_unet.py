@@ -30,12 +30,12 @@ def tiny_unet(shape=(1, 8, 8), **kw) -> UNet:
 def test_unet_satisfies_the_flow_map_contract():
     net = tiny_unet()
     assert net.dec[0].heads > 0  # attention is exercised (the lowest level always has it)
-    checks.check_flow_map(FlowMap(net, scale=net.scale), (1, 8, 8), n=4)
+    checks.check_flow_map(FlowMap(net, scale=net.options.scale), (1, 8, 8), n=4)
 
 
 def test_unet_rgb_non_square():
     net = tiny_unet((3, 4, 8), channel_mult=[1, 1, 2], attention_resolutions=[2])
-    checks.check_flow_map(FlowMap(net, scale=net.scale), (3, 4, 8), n=3)
+    checks.check_flow_map(FlowMap(net, scale=net.options.scale), (3, 4, 8), n=3)
 
 
 def test_identity_at_initialization_and_preconditioning():

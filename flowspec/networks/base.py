@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal, Union
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
 from torch import nn
 
 
 class NetworkOptions(BaseModel):
+    """Options every network has. ``scale`` is the preconditioning c of the flow map
+    X_{s,t}(x) = x + (t - s) c net(x / c, s, t): the network sees inputs and returns outputs of
+    about unit size when c is the data's scale. "data_std" resolves (at compile time) to the root
+    mean square of the data's per-dimension standard deviations."""
+
     model_config = ConfigDict(extra="forbid")
+    scale: Union[PositiveFloat, Literal["data_std"]] = Field(
+        1.0, description='preconditioning c in X = x + (t - s) c net(x / c, s, t); "data_std": the data\'s '
+        'RMS standard deviation; 1: none')
 
 
 class Network(nn.Module):

@@ -16,8 +16,12 @@ second moment per element, outputs keep unit second moment at initialization and
 * mp_cat(a, b, u): concatenation along channels with weights keeping the total magnitude.
 * pixel_norm(x): x / rms over channels at each pixel.
 
-Conditioning: emb = mp_silu(mp_sum(W_s pos(s), W_d pos(t - s))), pos the sinusoidal embedding of
-flowspec.networks.embeddings; each residual block multiplies its features by (1 + W_e emb).
+Conditioning: emb = mp_silu(mp_sum(W_s pos(s), W_d pos(t - s))), pos a sinusoidal embedding of
+flowspec.networks.embeddings; each residual block multiplies its features by (1 + W_e emb). The
+default pos is EDM2's (and the reference flow-map U-Net's): magnitude-preserving sinusoids of t
+itself, frequencies 10000^(-k / (dim/2)) <= 1, dim = channels * channel_mult[0]; the Lagrangian and
+Eulerian objectives differentiate through it, and its derivative in t stays O(1). ``time_embedding =
+"positional"`` is the DDPM code of 1000 t instead (derivatives up to 1000).
 The output layer has a learned gain initialized to 0, so v = 0 and X = id at initialization.
 """
 
@@ -27,7 +31,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from typing import Literal, Optional
+
+from pydantic import Field, PositiveFloat
 from torch import nn
 
 from flowspec.errors import UserError
@@ -147,8 +153,15 @@ class UNetOptions(NetworkOptions):
     attention_resolutions: list[int] = Field([16], description="feature-map heights H with self-attention")
     channels_per_head: int = Field(64, gt=0, description="attention head size")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability in the residual blocks")
-    embedding_dim: int = Field(128, gt=0, multiple_of=2, description="size of each positional time embedding (s and t - s)")
-    scale: float = Field(0.5, gt=0, description="preconditioning c in X = x + (t - s) c net(x / c, s, t - s)")
+    time_embedding: Literal["edm2", "positional"] = Field(
+        "edm2", description="edm2: magnitude-preserving sinusoids of t, frequencies <= 1 (EDM2, the reference "
+        "U-Net); positional: sinusoids of 1000 t (the DDPM code)")
+    embedding_dim: Optional[int] = Field(
+        None, gt=0, multiple_of=2, description="size of each time embedding (s and t - s); unset: "
+        "channels * channel_mult[0], as EDM2")
+    scale: PositiveFloat | Literal["data_std"] = Field(
+        0.5, description="preconditioning c in X = x + (t - s) c net(x / c, s, t - s) (the paper: 0.5 for data "
+        "in [-1, 1])")
 
 
 class UNet(Network):
@@ -169,10 +182,12 @@ class UNet(Network):
             raise UserError(f"network.channel_mult: {len(o.channel_mult)} levels halve {h} x {w} images "
                             f"{len(o.channel_mult) - 1} times; H and W must be divisible by {factor} "
                             "(valid: fewer levels)")
-        self.scale = o.scale
         c_emb = o.channels * max(o.channel_mult)
-        self.embed_s, self.embed_dt = PositionalEmbedding(o.embedding_dim), PositionalEmbedding(o.embedding_dim)
-        self.emb_s, self.emb_dt = MPConv(o.embedding_dim, c_emb), MPConv(o.embedding_dim, c_emb)
+        dim = o.embedding_dim or o.channels * o.channel_mult[0]
+        edm2 = o.time_embedding == "edm2"
+        self.embed_s, self.embed_dt = (PositionalEmbedding(dim, scale=1.0 if edm2 else 1000.0, magnitude_preserving=edm2)
+                                       for _ in range(2))
+        self.emb_s, self.emb_dt = MPConv(dim, c_emb), MPConv(dim, c_emb)
         block = dict(c_emb=c_emb, channels_per_head=o.channels_per_head, dropout=o.dropout)
         attn = set(o.attention_resolutions)
 
