@@ -51,7 +51,7 @@ class TrainOptions(BaseModel):
     grad_clip: float = Field(10.0, ge=0, description="max global gradient norm; 0 disables clipping")
     ema: float = Field(0.999, ge=0, lt=1, description="EMA decay d (0: the EMA is the current weights)")
     ema_schedule: Literal["plain", "warmup", "bias_corrected"] = Field(
-        "bias_corrected", description="plain: decay d from the initial weights (the reference code); warmup: "
+        "warmup", description="plain: decay d from the initial weights (the reference code); warmup: "
         "min(d, (1+k)/(10+k)); bias_corrected: weight (1-d)/(1-d^k) at update k, Adam's correction (no init bias)")
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds weights, data and times: a CPU run is reproducible bit for bit")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
@@ -219,9 +219,25 @@ def _leaves(data: Any, prefix: str = ""):
             yield dotted, value
 
 
+#: keys a resolved spec written before they existed lacks, with the value that run was trained with
+#: (the defaults changed to the paper's networks; docs/networks.md)
+_LEGACY_DEFAULTS = {"mlp": {"times": "s_dt", "scale": 1.0, "init": "torch"},
+                    "unet": {"time_embedding": "positional"}}
+
+
+def _legacy_network(raw: dict, path: Path) -> dict:
+    """A run folder's resolved spec.toml keeps meaning the network it trained: keys added since it was
+    written take the values it used, not today's defaults (a resolved spec lists every key)."""
+    net = raw.get("network")
+    if path.name != "spec.toml" or not (path.parent / "environment.json").is_file() or not isinstance(net, dict):
+        return raw
+    missing = {k: v for k, v in _LEGACY_DEFAULTS.get(net.get("kind", "mlp"), {}).items() if k not in net}
+    return {**raw, "network": {**net, **missing}} if missing else raw
+
+
 def load_spec(path: str | Path, overrides: Sequence[str] = (), registry: Registry | None = None) -> BaseModel:
     """Read, override (``--set``) and validate a spec file. The run name defaults to the file stem."""
-    raw = read_toml(path)
+    raw = _legacy_network(read_toml(path), Path(path))
     if not raw and not overrides:
         raise UserError(f"{path}: the spec is empty (it needs at least [data] and [objective])")
     data = apply_overrides(raw, overrides)

@@ -116,3 +116,17 @@ def test_reference_sqrt_schedule():
     o = validate({**TINY, "train": {**TINY["train"], "schedule": "sqrt", "decay_start": 100, "steps": 1000}}).train
     assert lr_factor(o, 49) == 1.0
     assert lr_factor(o, 399) == pytest.approx(1 / math.sqrt(4))
+
+
+def test_a_run_folder_written_before_the_paper_defaults_keeps_its_network(tmp_path):
+    from flowspec.spec import load_spec
+
+    old = tmp_path / "run"
+    old.mkdir()
+    (old / "environment.json").write_text("{}")
+    (old / "spec.toml").write_text('[data]\nkind = "checkerboard"\n[network]\nkind = "mlp"\n'
+                                   'time_embedding = "positional"\n[objective]\ncharacterization = "lagrangian"\n')
+    net = load_spec(old / "spec.toml").network
+    assert (net.times, net.scale, net.init) == ("s_dt", 1.0, "torch")
+    (tmp_path / "spec.toml").write_text((old / "spec.toml").read_text())  # a user's spec: today's defaults
+    assert load_spec(tmp_path / "spec.toml").network.times == "s_t"
