@@ -151,6 +151,12 @@ def same_computation(graph, hand: HandLSD, device) -> float:
     return max(float((a - b).detach().abs() / b.detach().abs()), float((ga - gb).norm() / gb.norm()))
 
 
+#: the spec settings that give flowspec the hand-written loop's network and recipe (overhead compares
+#: frameworks on one computation, not networks: docs/networks.md compares those)
+HAND_NETWORK = ['network.time_embedding="positional"', 'network.times="s_dt"', "network.scale=1.0",
+                'network.activation="gelu"', 'train.optimizer="radam"', 'train.ema_schedule="warmup"']
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=1024)
@@ -167,7 +173,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     threads = setup_threads(a.threads)
     device = resolve_device(a.device)
-    graph = compile_method("lsd", a.batch, device, a.width, a.depth, a.seed)
+    graph = compile_method("lsd", a.batch, device, a.width, a.depth, a.seed, extra=HAND_NETWORK)
     net = HandMLP(a.width, a.depth).to(device)
     with torch.no_grad():  # same initial weights (the compiled model's parameters, in order)
         src = list(graph.model.parameters())

@@ -10,13 +10,19 @@ data samples is reported as the estimator's floor at that sample count. Samples 
 (one ``quality-samples.npz`` beside the JSON, arrays named ``<method>-seed<k>/<row>``) so ``python -m benchmarks.verify`` can recompute the KL.
 
     python -m benchmarks.quality                         # default: 2 seeds x 5 methods, 400 steps, batch 512
+    python -m benchmarks.quality --protocol paper-cpu --jobs 2   # 3000 steps x 4096, 64k samples, LSD 2 seeds
     python -m benchmarks.quality --full --device cuda    # the paper's budget: 150k steps, batch 100k, 64k samples
+
+``--jobs N`` trains N runs at a time in separate processes of one thread each (quality does not
+depend on timing; each run's ``train_seconds`` does, so compare those only between runs of one ``--jobs``).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import shutil
 import statistics
 import time
@@ -49,6 +55,51 @@ def overrides(method: str, seed: int, steps: int, batch: int, num_samples: int, 
     else:
         o += [f"eval.steps={KS}", "eval.ode=[]"]
     return o
+
+
+#: named protocols: budgets a result in docs/results.md is quoted at
+PROTOCOLS = {
+    # the paper's checkerboard at a CPU budget (one thread: about 15 minutes a run)
+    "paper-cpu": {"steps": 3000, "batch": 4096, "num_samples": 64_000, "seeds": 1, "method_seeds": "lsd=2",
+                  "dopri_tol": 1e-4},
+}
+
+
+def parse_method_seeds(text: str) -> dict[str, int]:
+    """"lsd=2,esd=1" -> {"lsd": 2, "esd": 1}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, n = part.partition("=")
+        out[name.strip()] = int(n)
+    return out
+
+
+def _job(method: str, seed: int, a, device: str, run_root: Path) -> tuple[dict, dict]:
+    """One (method, seed) in a worker process of one thread: its record and its samples."""
+    setup_threads(1)
+    samples: dict = {}
+    return run_one(method, seed, a, torch.device(device), run_root, samples), samples
+
+
+def run_all(jobs: list[tuple[str, int]], a, device: torch.device, run_root: Path, samples: dict) -> list[dict]:
+    """Every (method, seed), ``a.jobs`` at a time; records in the order of ``jobs``."""
+    if a.jobs <= 1:
+        runs = []
+        for method, seed in jobs:
+            runs.append(run_one(method, seed, a, device, run_root, samples))
+            print(f"quality: {method} seed {seed}: trained in {runs[-1]['train_seconds']:.0f} s", flush=True)
+        return runs
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(a.jobs, mp_context=ctx) as pool:
+        futures = {pool.submit(_job, m, k, a, str(device), run_root): (m, k) for m, k in jobs}
+        done = {}
+        for f in concurrent.futures.as_completed(futures):
+            record, arrays = f.result()
+            done[futures[f]] = record
+            samples.update(arrays)
+            print(f"quality: {record['method']} seed {record['seed']}: trained in {record['train_seconds']:.0f} s",
+                  flush=True)
+    return [done[j] for j in jobs]
 
 
 def run_one(method: str, seed: int, a, device: torch.device, run_root: Path, samples: dict | None = None) -> dict:
@@ -118,6 +169,11 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--num-samples", type=int, default=16_000)
     p.add_argument("--dopri-tol", type=float, default=1e-4, help="rtol = atol of the dopri5 baseline")
+    p.add_argument("--method-seeds", default="", help='seeds of single methods, e.g. "lsd=2" (others: --seeds)')
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
+                   help="a named budget: sets steps, batch, num-samples, seeds, method-seeds and dopri-tol, "
+                   "whatever those flags say")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, one thread each")
     p.add_argument("--full", action="store_true",
                    help="the paper's budget: 150k steps, batch 100k, 64k eval samples, 3 seeds (a GPU job)")
     p.add_argument("--device", default="cpu")
@@ -126,8 +182,13 @@ def main(argv=None) -> dict:
                    "the samples go beside it as <stem>-samples.npz")
     p.add_argument("--runs-dir", default=None, help="run folders (default: runs/quality beside the JSON, git-ignored)")
     a = p.parse_args(argv)
+    if a.protocol:
+        for key, value in PROTOCOLS[a.protocol].items():
+            setattr(a, key, value)
     if a.full:
         a.steps, a.batch, a.num_samples, a.seeds = 150_000, 100_000, 64_000, max(a.seeds, 3)
+    methods = a.methods.split(",")
+    method_seeds = {m: parse_method_seeds(a.method_seeds).get(m, a.seeds) for m in methods}
     started = time.perf_counter()
     threads = setup_threads(a.threads)
     device = resolve_device(a.device)
@@ -135,22 +196,19 @@ def main(argv=None) -> dict:
     run_root = Path(a.runs_dir) if a.runs_dir else out.parent / "runs" / out.stem
     samples_path = out.with_name(out.stem + "-samples.npz")
     samples: dict = {}
-    runs = []
-    for seed in range(a.seeds):
-        for method in a.methods.split(","):
-            r = run_one(method, seed, a, device, run_root, samples)
-            runs.append(r)
-            print(f"quality: {method} seed {seed}: trained in {r['train_seconds']:.0f} s", flush=True)
+    jobs = [(m, k) for k in range(max(method_seeds.values())) for m in methods if k < method_seeds[m]]
+    runs = run_all(jobs, a, device, run_root, samples)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(samples_path, **samples)
     agg = aggregate(runs)
-    config = {"methods": a.methods.split(","), "seeds": a.seeds, "steps": a.steps, "batch": a.batch,
+    config = {"setup": PAPER_SETUP, "methods": methods, "seeds": max(method_seeds.values()), "method_seeds": method_seeds,
+              "protocol": a.protocol, "jobs": a.jobs, "steps": a.steps, "batch": a.batch,
               "num_samples": a.num_samples, "dopri_tol": a.dopri_tol, "full": a.full, "threads": threads,
               "ks": KS, "metrics": METRICS, "samples": samples_path.name, "runs_dir": shown(run_root)}
     path = write_result(out, "quality", device, config, {"runs": runs, "aggregate": agg}, started)
     header = ["method"] + [f"K={k}" for k in KS] + ["dopri5 (NFE)"]
     rows = []
-    for m in a.methods.split(","):
+    for m in methods:
         if m == "fm":
             cells = [fmt(agg[m].get(f"euler-{k}")) for k in KS]
             d = next((v for k, v in agg[m].items() if k.startswith("dopri5")), None)
@@ -158,7 +216,7 @@ def main(argv=None) -> dict:
             rows.append(["FM (Euler)"] + cells)
         else:
             rows.append([METHOD_LABELS[m]] + [fmt(agg[m].get(f"K-{k}")) for k in KS] + ["-"])
-    print_table(f"KL (mean +- std over {a.seeds} seeds), {a.steps} steps at batch {a.batch}, "
+    print_table(f"KL (mean +- std over seeds {method_seeds}), {a.steps} steps at batch {a.batch}, "
                 f"{a.num_samples} samples; data floor {agg['data']['floor']['kl']['mean']:.4f}; written to {path}",
                 header, rows)
     return {"runs": runs, "aggregate": agg}

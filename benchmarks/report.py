@@ -185,10 +185,15 @@ def quality_section(name: str, r: dict, plot: Path, docs: Path, verify: dict | N
     agg = r["results"]["aggregate"]
     lines = [f"#### Quality: the paper's checkerboard protocol (`{name}.json`)", ""]
     lines += provenance(r)
+    seeds = c.get("method_seeds") or {m: c["seeds"] for m in c["methods"]}
+    seeds_text = (f"{c['seeds']} seeds (0..{c['seeds'] - 1})" if len(set(seeds.values())) == 1 else
+                  "seeds " + ", ".join(f"{METHOD_LABELS[m]} {n}" for m, n in seeds.items()))
     budget = (f"{c['steps']} training steps at batch {c['batch']}, {c['num_samples']} evaluation samples, "
-              f"{c['seeds']} seeds (0..{c['seeds'] - 1})")
-    lines += [f"Our budget: {budget}; every method with the paper's 4 x 512 GELU MLP, RAdam lr 1e-3, clip 10, "
-              f"EMA 0.999, eta = 0.75, linear interpolant with the data-std base. The paper's: {PAPER_BUDGET}, "
+              + seeds_text + (f" (protocol `{c['protocol']}`)" if c.get("protocol") else ""))
+    setup = ("every method with its spec's settings and " + ", ".join(f"`{o}`" for o in c["setup"])
+             if c.get("setup") else "every method with the paper's 4 x 512 GELU MLP, RAdam lr 1e-3, clip 10, EMA 0.999")
+    lines += [f"Our budget: {budget}; {setup}, eta = 0.75, linear interpolant with the data-std base. "
+              f"The paper's: {PAPER_BUDGET}, "
               f"i.e. {150_000 * 100_000 / (c['steps'] * c['batch']):,.0f} times more training samples. "
               "Entries: mean ± sample standard deviation over seeds (the value itself for one seed). The KL of the same number of exact "
               f"data samples (the estimator's floor at this sample count) is "
@@ -219,6 +224,25 @@ def quality_section(name: str, r: dict, plot: Path, docs: Path, verify: dict | N
     if verify:
         lines += [f"`python -m benchmarks.verify` recomputed {verify['checked']} KL values from them with numpy "
                   f"alone (its own cell masses and histogram): largest difference {verify['max_abs_diff']:.1e}."]
+    return lines + [""]
+
+
+def ablation_section(name: str, r: dict) -> list[str]:
+    c, rows = r["config"], r["results"]["rows"]
+    cols = c["columns"]
+    lines = [f"#### Ablation: one choice of `{c['spec']}` at a time (`{name}.json`)", ""]
+    lines += provenance(r)
+    lines += [f"Each row is the shipped spec with that row's `--set`; {c['budget']}; `{c['metric']}`, mean ± "
+              f"standard deviation over {c['seeds']} seeds. The last column is the row's mean over the columns "
+              "divided by the shipped spec's (> 1: worse than shipped).", "",
+              "| row | --set | " + " | ".join(cols) + " | vs shipped |", "|---|---|" + "---|" * (len(cols) + 1)]
+    first = next(iter(rows.values()))
+    base = sum(first["mean"].values())
+    for label, row in rows.items():
+        cells = [f"{row['mean'][k]:.4g} ± {row['std'][k]:.2g}" for k in cols]
+        tag = " (= shipped)" if row["same_as_shipped"] and row is not first else ""
+        lines.append(f"| {label}{tag} | {('`' + row['set'] + '`') if row['set'] else ''} | " + " | ".join(cells)
+                     + f" | {sum(row['mean'].values()) / base:.2f} |")
     return lines + [""]
 
 
@@ -261,7 +285,7 @@ def main(argv=None) -> Path:
              "the command that produced it, so it can be rerun as written. CPU and GPU figures are kept in "
              "separate sections.", ""]
     commands = []
-    order = {"step_cost": 0, "overhead": 1, "quality": 2, "verify": 3, "sampling": 4}
+    order = {"step_cost": 0, "overhead": 1, "quality": 2, "verify": 3, "ablation": 4, "sampling": 5}
     for sub in DEVICES:
         records = load(results / sub)
         for name, r in sorted(records.items(), key=lambda kv: (order.get(kv[1]["benchmark"], 9), len(kv[0]))):
@@ -297,6 +321,9 @@ def main(argv=None) -> Path:
                 quality_plot(r, plot, f"{title}: checkerboard, {c['steps']} steps at batch {c['batch']}, "
                              f"{c['seeds']} seeds, {c['num_samples']} samples")
                 lines += quality_section(name, r, plot, docs, rec.get(f"{name}-verify"))
+        for name, r in rec.items():
+            if r.get("benchmark") == "ablation":
+                lines += ablation_section(name, r)
         for name, r in rec.items():
             if r.get("benchmark") == "sampling":
                 lines += sampling_section(name, r)
