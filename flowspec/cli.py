@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -79,16 +77,25 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         if resume is not None:
             s, _, name = resumed_spec(resume, spec, set_)
             check_resumable(resume, s, name)
+            from flowspec import runfolder
+
+            runfolder.check_free(resume)
         else:
             _load(spec, set_)
             if out_dir is not None:
                 refuse_existing(out_dir, force)
+        from flowspec.launcher import launch
+
         raise typer.Exit(launch(nproc, spec, set_, runs_dir, out_dir, force, resume))
     if resume is not None:
         run_resumed(resume, spec, set_)
         return
+    from flowspec import runfolder
+
     s = _load(spec, set_)
     ctx = _join(s)
+    if ctx.is_main and out_dir is not None:
+        refuse_existing(out_dir, force)  # before compiling: a folder that may not be used is refused at once
     graph = _compile(s, spec)
     run_dir = None
     if ctx.is_main:
@@ -100,8 +107,10 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         train(graph, run_dir, err)
     except BaseException:
         if ctx.is_main and not (run_dir / "metrics.jsonl").exists():  # it never started: leave nothing half-written
-            shutil.rmtree(run_dir, ignore_errors=True)
+            runfolder.discard(run_dir)
         raise
+    finally:
+        runfolder.release(run_dir)
     if ctx.is_main:
         out.print(str(run_dir))
 
@@ -113,42 +122,6 @@ def _join(s):
     if not distributed.launched():
         return distributed.current()
     return distributed.init(resolve_device(s.train.device).type)
-
-
-def launch(nproc: int, spec, overrides, runs_dir: Path, out_dir, force: bool, resume) -> int:
-    """``run --nproc N``: run torchrun (standalone rendezvous) in this process to start N processes
-    of ``flowspec run`` on this machine; returns the exit status of the first process to fail (or
-    0). The processes print their own errors; a failure ends with one line here instead of
-    torchrun's traceback."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run as torchrun
-
-    args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "flowspec", "run"]
-    if spec is not None:
-        args.append(str(spec))
-    for item in overrides or []:
-        args += ["--set", item]
-    args += ["--runs-dir", str(runs_dir)]
-    if out_dir is not None:
-        args += ["--out", str(out_dir)]
-    if force:
-        args.append("--force")
-    if resume is not None:
-        args += ["--resume", str(resume)]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default too, said out loud
-    try:
-        torchrun(parse_args(args))
-    except ChildFailedError as exc:  # torchrun has stopped the other processes
-        rank, failure = exc.get_first_failure()
-        code = failure.exitcode
-        how = f"exit status {code}" if code > 0 else signal.Signals(-code).name
-        warn(f"run --nproc {nproc}: rank {rank} failed first ({how}); its error is above")
-        return code if code > 0 else 128 - code
-    except SignalException as exc:  # torchrun has passed the signal on to the processes and stopped them
-        warn(f"run --nproc {nproc}: stopped by {exc.sigval.name}")
-        return 128 + int(exc.sigval)
-    return 0
 
 
 def resumed_spec(run_dir: Path, spec: Optional[Path], overrides: Optional[List[str]]):
@@ -165,13 +138,18 @@ def run_resumed(run_dir: Path, spec: Optional[Path], overrides: Optional[List[st
     """``run --resume``: the run's own spec (or ``spec``, which must match it but for train.steps)."""
     from flowspec.train import resume, train
 
+    from flowspec import runfolder
+
     s, source, name = resumed_spec(run_dir, spec, overrides)
     ctx = _join(s)
-    graph = resume(run_dir, s, name, warn, compile=lambda spec: _compile(spec, source))
-    if ctx.is_main:
-        err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir} (resumed at step {graph.step_count})",
-                  soft_wrap=True)
-    train(graph, run_dir, err, resumed=True)
+    try:
+        graph = resume(run_dir, s, name, warn, compile=lambda spec: _compile(spec, source))
+        if ctx.is_main:
+            err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir} (resumed at step {graph.step_count})",
+                      soft_wrap=True)
+        train(graph, run_dir, err, resumed=True)
+    finally:
+        runfolder.release(run_dir)
     if ctx.is_main:
         out.print(str(run_dir))
 

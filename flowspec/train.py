@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import sys
 import threading
@@ -24,10 +23,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flowspec import checkpoint, distributed
+from flowspec import checkpoint, distributed, runfolder
 from flowspec.compile import TrainingGraph
 from flowspec.errors import UserError
 from flowspec.evaluate import evaluate, evaluate_baselines
+from flowspec.runfolder import make as make_run_dir, refuse_existing  # noqa: F401 (the CLI's names)
 from flowspec.spec import to_toml
 
 
@@ -43,33 +43,6 @@ def environment(graph: TrainingGraph) -> dict:
         env["gpu"] = torch.cuda.get_device_name(graph.device)
         env["cuda"] = torch.version.cuda
     return env
-
-
-def refuse_existing(path: Path, force: bool) -> bool:
-    """True when ``path`` is a non-empty folder that ``force`` allows to overwrite; an error without it."""
-    if not (path.exists() and any(path.iterdir())):
-        return False
-    if not force:
-        raise UserError(f"{path}: run folder exists (use --force to overwrite, or --out for another)")
-    return True
-
-
-def make_run_dir(name: str, runs_dir: Path = Path("runs"), out: Path | None = None, force: bool = False) -> Path:
-    """Create the run folder; an existing one is refused unless ``force`` (then it is emptied)."""
-    path = out if out is not None else runs_dir / f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    if refuse_existing(path, force):
-        shutil.rmtree(path)
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        if created and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        raise UserError(f"{path}: cannot write the run folder: {exc.strerror or exc}", exit_code=1) from None
-    return path
 
 
 def results_table(results: dict[str, dict[str, float]], title: str) -> Table:
@@ -316,6 +289,8 @@ def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGrap
     from flowspec.compile import compile_spec
 
     check_resumable(run_dir, spec, source)
+    if not distributed.launched() or distributed.rank_from_env() == 0:
+        runfolder.acquire(run_dir)  # before compiling: a live run is refused at once
     graph = (compile or compile_spec)(spec)
     main = graph.dist.is_main
     if main:
