@@ -90,9 +90,10 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
     if resume is not None:
         run_resumed(resume, spec, set_)
         return
-    from flowspec import runfolder
+    from flowspec import runfolder, teachers
 
     s = _load(spec, set_)
+    teachers.own_run[0] = out_dir
     ctx = _join(s)
     if ctx.is_main and out_dir is not None:
         refuse_existing(out_dir, force)  # before compiling: a folder that may not be used is refused at once
@@ -138,9 +139,10 @@ def run_resumed(run_dir: Path, spec: Optional[Path], overrides: Optional[List[st
     """``run --resume``: the run's own spec (or ``spec``, which must match it but for train.steps)."""
     from flowspec.train import resume, train
 
-    from flowspec import runfolder
+    from flowspec import runfolder, teachers
 
     s, source, name = resumed_spec(run_dir, spec, overrides)
+    teachers.own_run[0] = run_dir
     ctx = _join(s)
     try:
         graph = resume(run_dir, s, name, warn, compile=lambda spec: _compile(spec, source))
@@ -240,8 +242,10 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
         raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
     s = load_spec(spec_path, [f"train.device={device}", "eval.metrics=[]"])
     g = compile_spec(s)
-    path = checkpoint.latest(run_dir, warn)
-    checkpoint.load_module(g.ema.model, checkpoint.load_tensors(path), "ema", path)
+    ckpt = checkpoint.newest(run_dir, warn, checkpoint.size_limit(g.ema.model),
+                             accept=lambda c: checkpoint.check_module(g.ema.model, c.tensors, "ema", c.path))
+    path = ckpt.path
+    checkpoint.load_module(g.ema.model, ckpt.tensors, "ema", path)
     if solver is None:
         x = draw(g.sampler(), base_samples(g, n, seed), steps)
         how = f"{steps} step{'s' if steps > 1 else ''}"
@@ -262,8 +266,9 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
             raise UserError(f"--{e['loc'][0]}: {e['msg'].lower()} (got {e['input']!r})") from None
         x, nfe, seconds = ode.sample(g.sampler().eval().velocity, base_samples(g, n, seed), opts)
         how = f"ODE {opts.label()}, NFE {nfe}, {seconds:.2f} s"
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out_file, x.reshape(n, -1).numpy())
+    from flowspec.atomic import atomic_npy
+
+    atomic_npy(out_file, x.reshape(n, -1).numpy())
     out.print(f"{out_file}: {n} samples, {how}, from {path.name}")
 
 

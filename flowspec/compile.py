@@ -128,6 +128,8 @@ class TrainingGraph:
     counters: dict[str, int] = field(default_factory=dict)
     #: this process's place in a data-parallel run (flowspec.distributed); one process by default
     dist: distributed.Context = field(default_factory=distributed.Context)
+    #: the teacher run and checkpoint digest this graph distills from (flowspec.teachers), or None
+    teacher_pin: dict | None = None
 
     @property
     def local_batch_size(self) -> int:
@@ -294,6 +296,6 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
     return TrainingGraph(spec=spec, dataset=dataset, interpolant=interpolant, base=base,
                          model=model, ema=ema, objective=objective, teacher=teacher,
                          optimizer=optimizer, scheduler=scheduler, metrics=metrics, device=device,
-                         exact=exact, frozen_teacher=frozen, dist=ctx,
+                         exact=exact, frozen_teacher=frozen, dist=ctx, teacher_pin=getattr(frozen, "pin", None),
                          data_generator=torch.Generator().manual_seed(rank_seeds(o.seed, ctx.rank)[0]),
                          generator=torch.Generator(device).manual_seed(rank_seeds(o.seed, ctx.rank)[1]))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from flowspec import distributed
+from flowspec.atomic import atomic_npy, atomic_write
 from flowspec.flowmap import FlowMap
 
 
@@ -95,7 +96,7 @@ def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
         results[str(k)] = row
         if out_dir is not None:
             (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-            np.save(out_dir / "samples" / f"steps-{k}.npy", x.numpy())
+            atomic_npy(out_dir / "samples" / f"steps-{k}.npy", x.numpy())
             if o.plot:
                 plot(x, graph.dataset, out_dir / "samples" / f"steps-{k}.png",
                      f"{graph.spec.name}: {k} step{'s' if k > 1 else ''}  "
@@ -140,7 +141,7 @@ def evaluate_baselines(graph, out_dir: Path | None = None) -> dict:
             if out_dir is not None:
                 (out_dir / "samples").mkdir(parents=True, exist_ok=True)
                 stem = opts.label().replace(" ", "-").replace("/", "_").replace("=", "")
-                np.save(out_dir / "samples" / f"{stem}.npy", x.numpy())
+                atomic_npy(out_dir / "samples" / f"{stem}.npy", x.numpy())
         extras["ode"] = rows
     if graph.exact is not None and o.flow_map_error:
         g = torch.Generator().manual_seed(o.seed + 2)
@@ -174,7 +175,7 @@ def plot(x: torch.Tensor, dataset, path: Path, title: str, max_points: int = 20_
     ax.set_aspect("equal")
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
 
 
@@ -204,5 +205,5 @@ def plot_grid(x: torch.Tensor, path: Path, title: str) -> None:
     ax.set_axis_off()
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)

@@ -11,6 +11,7 @@ one line each: ``FILE: dotted.key: what is wrong (what would be valid)``.
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
 from functools import lru_cache
@@ -222,6 +223,10 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), registry: Registr
         raise UserError(f"{path}: the spec is empty (it needs at least [data] and [objective])")
     data = apply_overrides(raw, overrides)
     data.setdefault("name", Path(path).stem)
+    teacher = data.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("path"), str) and teacher["path"]:
+        # a teacher run relative to the spec file's folder, stored absolute in the resolved spec
+        teacher["path"] = os.path.abspath(Path(path).parent / Path(teacher["path"]).expanduser())
     return validate(data, str(path), registry)
 
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flowspec import checkpoint, distributed, runfolder
+from flowspec import atomic, checkpoint, distributed, runfolder
 from flowspec.compile import TrainingGraph
 from flowspec.errors import UserError
 from flowspec.evaluate import evaluate, evaluate_baselines
@@ -154,7 +154,7 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
         if log is None:
             return
         try:
-            log.write(json.dumps(record) + "\n")
+            log.write(atomic.dumps(record) + "\n")
             log.flush()
         except OSError as exc:
             raise UserError(f"{run_dir / 'metrics.jsonl'}: cannot write: {exc.strerror or exc}",
@@ -221,8 +221,12 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
         if not main:
             return results
         extras = evaluate_baselines(graph, run_dir)
-        write({"step": graph.step_count, "eval": results, **extras})
-        checkpoint.atomic_text(run_dir / "eval.json", json.dumps(
+        log.close()  # the final record: the whole log rewritten at once (a full disk cuts no line)
+        log, path = None, run_dir / "metrics.jsonl"
+        kept = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+        kept += "\n" if kept and not kept.endswith("\n") else ""
+        checkpoint.atomic_text(path, kept + atomic.dumps({"step": graph.step_count, "eval": results, **extras}) + "\n")
+        checkpoint.atomic_text(run_dir / "eval.json", atomic.dumps(
             {"step": graph.step_count, "num_samples": ev.num_samples, "metrics": list(graph.metrics),
              "steps": results, **extras}, indent=1))
     finally:
@@ -296,8 +300,8 @@ def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGrap
     if main:
         checkpoint.remove_temporaries(run_dir)
     if checkpoint.stems(run_dir / "checkpoints"):
-        path = checkpoint.latest(run_dir, warn)
-        checkpoint.restore(graph, path)
+        checkpoint.newest(run_dir, warn, checkpoint.size_limit(graph.model), checkpoint.spec_id(spec),
+                          accept=lambda ckpt: checkpoint.restore(graph, ckpt))
     else:
         warn(f"warning: {run_dir}: no checkpoint yet; starting again from step 0")
     if graph.step_count > spec.train.steps:
