@@ -163,7 +163,12 @@ def validate(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
     """Check a spec; print every mistake, one line each."""
     from flowspec.spec import to_toml
 
+    from flowspec.checks import check_spec
+
     s = _load(spec, set_)
+    problems = check_spec(s)
+    if problems:
+        raise UserError([f"{spec}: {line}" for line in problems])
     if show:
         out.print(to_toml(s), markup=False, highlight=False)
     else:

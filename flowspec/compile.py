@@ -216,7 +216,12 @@ def _seed(seed: int) -> None:
 
 def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingGraph:
     """Build the TrainingGraph of a validated spec (see :func:`flowspec.spec.load_spec`)."""
+    from flowspec.checks import check_spec
+
     registry = registry or default_registry()
+    problems = check_spec(spec, registry)  # every mistake at once, before anything is allocated
+    if problems:
+        raise UserError(problems)
     o = spec.train
     ctx = distributed.current()
     device = resolve_device(o.device, ctx.local_rank)

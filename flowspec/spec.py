@@ -90,6 +90,8 @@ class EvalOptions(BaseModel):
 
 
 def _plain_name(name: str) -> str:
+    if len(name.encode("utf-8", "surrogatepass")) > 100:
+        raise ValueError("must be at most 100 bytes long (it names a folder, with a timestamp added)")
     if not name or name.startswith(".") or re.search(r"[/\\\x00-\x1f]", name):
         raise ValueError("must be a plain folder name: not empty, no '/', '\\' or control "
                          "characters, not starting with '.'")
@@ -148,11 +150,14 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
-            raise UserError(f"--set {item}: expected section.key=value (e.g. train.steps=100)")
+            raise UserError(f"--set {cut(item)}: expected section.key=value (e.g. train.steps=100)")
         try:
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw.strip()
+        except RecursionError:
+            raise UserError(f"--set {cut(key.strip())}: the value is nested too deeply "
+                            f"(at most {MAX_DEPTH} levels)") from None
         parsed.append((key.strip().split("."), value))
     return parsed
 
@@ -182,13 +187,18 @@ def read_toml(path: str | Path) -> dict:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: TOML syntax error: {exc}") from None
+        raise UserError(f"{path}: TOML syntax error: {cut(str(exc), 200)}") from None
+    except RecursionError:
+        raise UserError(f"{path}: TOML: values nested too deeply (at most {MAX_DEPTH} levels)") from None
 
 
 def validate(data: Mapping[str, Any], source: str = "<spec>", registry: Registry | None = None) -> BaseModel:
     """Validate a spec dict; all errors at once as a UserError of one-line messages."""
     model = spec_model(registry)
-    lines = [f"{source}: {key}: must be a finite number (got {value!r})" for key, value in _leaves(data)
+    deep = too_deep(data)
+    if deep is not None:
+        raise UserError(f"{source}: {cut('.'.join(deep.split('.')[:2]))}: nested more than {MAX_DEPTH} levels deep")
+    lines = [f"{source}: {cut(key)}: must be a finite number (got {value!r})" for key, value in _leaves(data)
              if isinstance(value, float) and not math.isfinite(value)]
     try:
         spec = model.model_validate(dict(data))
@@ -203,6 +213,34 @@ def validate(data: Mapping[str, Any], source: str = "<spec>", registry: Registry
     if lines:
         raise UserError(lines)
     return spec
+
+
+#: nesting of tables and arrays a spec may have (real specs have 3 or 4)
+MAX_DEPTH = 32
+
+
+def cut(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (long keys and values in one-line messages)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short(value: Any, limit: int = 80) -> str:
+    return cut(repr(value), limit)
+
+
+def too_deep(data: Any) -> str | None:
+    """The dotted key of the first value nested more than MAX_DEPTH levels deep, or None (iterative:
+    no recursion however deep the input)."""
+    stack = [(data, "", 0)]
+    while stack:
+        node, key, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return key or "(top level)"
+        items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            if isinstance(v, (Mapping, list)):
+                stack.append((v, f"{key}.{k}" if key else str(k), depth + 1))
+    return None
 
 
 def _leaves(data: Any, prefix: str = ""):
@@ -288,14 +326,14 @@ def _describe(err: dict) -> str:
         return "missing (required)"
     if kind == "literal_error":
         valid = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
-        return f"{got!r} is not valid (valid: {valid})"
+        return f"{short(got)} is not valid (valid: {valid})"
     if kind == "union_tag_invalid":
         valid = ctx.get("expected_tags", "").replace("'", "")
         return f"unknown name {ctx.get('tag')!r} (known: {valid})"
     msg = err["msg"].removeprefix("Value error, ")
     msg = msg[0].lower() + msg[1:]
     msg = msg.replace("input should be", "must be")
-    return f"{msg} (got {got!r})" if not isinstance(got, (dict, list)) else msg
+    return f"{msg} (got {short(got)})" if not isinstance(got, (dict, list)) else msg
 
 
 def format_errors(exc: ValidationError, data: Mapping[str, Any], source: str, registry: Registry) -> list[str]:
@@ -313,13 +351,13 @@ def format_errors(exc: ValidationError, data: Mapping[str, Any], source: str, re
         if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
             loc.append(discriminator(COMPONENT_SECTIONS[loc[0]]))
         if len(loc) > 1 and isinstance(loc[-1], str) and UNION_MEMBER.match(loc[-1]):
-            key = ".".join(str(p) for p in loc[:-1])  # one line for all the members of a plain union
+            key = cut(".".join(str(p) for p in loc[:-1]))  # one line for all the members of a plain union
             alternatives.setdefault(key, (err.get("input"), []))[1].append(_alternative(loc[-1], err))
             line = f"{source}: {key}: " + "\0"
             if line not in lines:
                 lines.append(line)
             continue
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = cut(".".join(str(p) for p in loc)) or "(top level)"
         if err["type"] == "union_tag_not_found":
             known = ", ".join(registry.names(COMPONENT_SECTIONS[loc[0]]))
             text = f"missing {loc[-1]} (known: {known})"
@@ -333,7 +371,7 @@ def format_errors(exc: ValidationError, data: Mapping[str, Any], source: str, re
             lines.append(line)
     for key, (got, alts) in alternatives.items():
         index = lines.index(f"{source}: {key}: " + "\0")
-        lines[index] = f"{source}: {key}: {got!r} is not valid (valid: {', '.join(alts)})"
+        lines[index] = f"{source}: {key}: {short(got)} is not valid (valid: {', '.join(alts)})"
     return lines
 
 
