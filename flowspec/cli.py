@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -12,7 +13,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flowspec import distributed
 from flowspec.errors import UserError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -72,19 +72,26 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         raise UserError("run: --resume continues RUN_DIR in place; --out and --force do not apply to it")
     if resume is None and spec is None:
         raise UserError("run: missing the spec file (usage: flowspec run SPEC, or flowspec run --resume RUN_DIR)")
+    from flowspec import distributed
+
+    if distributed.launched():
+        from flowspec.launcher import die_with_parent
+
+        die_with_parent()
     if nproc > 1 and not distributed.launched():
         # bad input fails here, in one line, before torchrun starts any process
-        if resume is not None:
-            s, _, name = resumed_spec(resume, spec, set_)
-            check_resumable(resume, s, name)
-            from flowspec import runfolder
+        from flowspec import runfolder
+        from flowspec.launcher import launch, precheck
 
+        if resume is not None:
+            s, source, name = resumed_spec(resume, spec, set_)
+            check_resumable(resume, s, name)
             runfolder.check_free(resume)
+            precheck(nproc, s, source, resume)
         else:
-            _load(spec, set_)
+            precheck(nproc, _load(spec, set_), spec, None)
             if out_dir is not None:
                 refuse_existing(out_dir, force)
-        from flowspec.launcher import launch
 
         raise typer.Exit(launch(nproc, spec, set_, runs_dir, out_dir, force, resume))
     if resume is not None:
@@ -118,6 +125,7 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
 
 def _join(s):
     """Under torchrun (WORLD_SIZE > 1): join the process group; the context of this process."""
+    from flowspec import distributed
     from flowspec.compile import resolve_device
 
     if not distributed.launched():
@@ -301,14 +309,26 @@ def schema(markdown: bool = typer.Option(False, "--markdown", help="the spec ref
     print(reference() if markdown else json.dumps(spec_model().model_json_schema(), indent=1), end="")
 
 
+def _interrupted() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third Ctrl-C cannot cut the exit short
+    warn("flowspec: interrupted")
+    sys.exit(130)
+
+
 def main() -> None:
     """Entry point: user errors are one line each, with no traceback unless FLOWSPEC_DEBUG=1."""
     debug = os.environ.get("FLOWSPEC_DEBUG", "") not in ("", "0")
+    if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_interrupted_while_loading":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         app()
     except UserError as exc:
         if debug:
             raise
+        if exc.exit_code > 128:  # stopped by a signal: another Ctrl-C cannot cut the exit short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if os.environ.get("RANK", "0") != "0":  # every rank stopped at the same step: rank 0 says so
+                sys.exit(exc.exit_code)
         warn(*exc.lines)
         sys.exit(exc.exit_code)
     except OSError as exc:  # a full disk or a vanished folder outside the places that name their file
@@ -317,9 +337,12 @@ def main() -> None:
         where = f"{exc.filename}: " if exc.filename else ""
         warn(f"flowspec: {where}{exc.strerror or exc}")
         sys.exit(1)
-    except KeyboardInterrupt:
-        warn("flowspec: interrupted")
-        sys.exit(130)
+    except SystemExit as exc:  # typer turns a KeyboardInterrupt into a silent exit 130
+        if exc.code == 130 and isinstance(getattr(exc.__context__, "__cause__", None), KeyboardInterrupt):
+            _interrupted()
+        raise
+    except KeyboardInterrupt:  # Ctrl-C before training, or a second one during a step
+        _interrupted()
     except Exception as exc:
         if debug:
             raise

@@ -72,7 +72,14 @@ class SignalStop:
 
     def _handle(self, signum: int, frame) -> None:
         self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        signal.signal(signum, self._again if previous is signal.default_int_handler else previous)
+
+    @staticmethod
+    def _again(signum: int, frame) -> None:
+        """A second Ctrl-C: interrupt now, and ignore any further one while the process exits."""
+        signal.signal(signum, signal.SIG_IGN)
+        raise KeyboardInterrupt
 
     def __enter__(self) -> "SignalStop":
         if threading.current_thread() is threading.main_thread():
