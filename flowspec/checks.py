@@ -165,8 +165,8 @@ def check_metrics(spec, registry: Registry, dataset, real: bool, lines: list[str
             for e in exc.errors(include_url=False):
                 key = ".".join(str(p) for p in e["loc"])
                 got = f" (got {short(e['input'])})" if e["type"] != "extra_forbidden" else ""
-                msg = e["msg"][0].lower() + e["msg"][1:]
-                lines.append(f"eval.metric_options.{name}.{cut(key, 40)}: {msg.replace('input should be', 'must be')}{got} "
+                msg = (e["msg"][0].lower() + e["msg"][1:]).replace("input should be", "must be")
+                lines.append(f"eval.metric_options.{name}.{cut(key, 40)}: {msg}{got} "
                              f"(valid keys: {', '.join(cls.Options.model_fields) or 'none'})")
             continue
         check = getattr(metric, "check", None)

@@ -255,7 +255,8 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
         raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
     s = load_spec(spec_path, [f"train.device={device}", "eval.metrics=[]"])
     g = compile_spec(s)
-    ckpt = checkpoint.newest(run_dir, warn, checkpoint.size_limit(g.ema.model),
+    run_id = checkpoint.spec_id(load_spec(spec_path))  # the run's own: another run's checkpoint is skipped
+    ckpt = checkpoint.newest(run_dir, warn, checkpoint.size_limit(g.ema.model), run_id,
                              accept=lambda c: checkpoint.check_module(g.ema.model, c.tensors, "ema", c.path))
     path = ckpt.path
     checkpoint.load_module(g.ema.model, ckpt.tensors, "ema", path)

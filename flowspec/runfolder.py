@@ -81,7 +81,8 @@ def check_forceable(path: Path) -> None:
 
 def empty(path: Path) -> None:
     """Remove a run folder's contents (checked with :func:`check_forceable`), the lock file excepted."""
-    for entry in path.iterdir():
+    # spec.toml last: a process killed half-way leaves a folder that --force still recognises
+    for entry in sorted(path.iterdir(), key=lambda e: e.name == "spec.toml"):
         if entry.name == LOCK:
             continue
         if entry.is_dir() and not entry.is_symlink():

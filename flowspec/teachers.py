@@ -131,7 +131,8 @@ def load_run_teacher(path: str, device: torch.device, shape: tuple[int, ...]) ->
     def warn(line: str) -> None:
         sys.stderr.write(f"{line} (teacher)\n")
 
-    ckpt = checkpoint.newest(run, warn, checkpoint.size_limit(model),
+    run_id = checkpoint.spec_id(load_spec(run / "spec.toml"))  # another run's checkpoint copied in is skipped
+    ckpt = checkpoint.newest(run, warn, checkpoint.size_limit(model), run_id,
                              accept=lambda c: checkpoint.check_module(model, c.tensors, "ema", c.path))
     checkpoint.load_module(model, ckpt.tensors, "ema", ckpt.path)
     teacher = FlowMapTeacher(model.to(device), f"{path} ({ckpt.path.name})")
