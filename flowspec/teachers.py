@@ -50,8 +50,8 @@ class TeacherOptions(BaseModel):
     kind: Literal["analytic", "run"] = Field(
         ..., description='analytic: the exact velocity of the spec\'s own dataset; run: the EMA diagonal '
         'v_{t,t} of a flowspec run folder')
-    path: Optional[str] = Field(None, description='kind = "run": the run folder (its spec.toml and latest '
-                                                  'checkpoint are read)')
+    path: Optional[str] = Field(None, description='kind = "run": the run folder (its spec.toml and newest good '
+                                                  'checkpoint are read), relative to the spec file\'s folder')
 
     @model_validator(mode="after")
     def _check_path(self) -> "TeacherOptions":
