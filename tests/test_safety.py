@@ -227,3 +227,38 @@ def test_end_files_are_strict_json_and_atomic(finished, tmp_path):
         atomic.atomic_write(target, fail)
     assert target.read_bytes() == b"old"
     assert not list(tmp_path.glob(".steps-1.npy.*"))
+
+
+# -- Ctrl-C (real processes) ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wait_for_training", [False, True])
+def test_a_double_ctrl_c_is_one_line_and_exit_130(tiny_spec, tmp_path, wait_for_training):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "flowspec", "run", tiny_spec(), "--out", run_dir,
+                             "--set", "train.steps=1000000", "--set", "network.width=256"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if wait_for_training:  # a second Ctrl-C in the middle of training
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+    else:  # while torch loads
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert lines[-1] == "flowspec: interrupted" or lines[-1].startswith("SIGINT: stopped at step "), err
+    if wait_for_training:
+        assert len(lines) == 2, err  # the run's first line, then one line
+    else:
+        assert len(lines) <= 2, err
