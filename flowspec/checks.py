@@ -115,6 +115,11 @@ def check_sizes(spec, shape, lines: list[str]) -> None:
         if need > have[0]:
             lines.append(f"{key}: {n:,} samples of shape {tuple(shape)} need at least {gib(need)}; "
                          f"{have[1]} {gib(have[0])}")
+    # a K-step grid holds K + 1 float64 times (and the sampler takes K network passes)
+    for key, ks in (("eval.steps", ev.steps), ("eval.ode", [row.steps for row in ev.ode])):
+        k = max(ks, default=0)
+        if 8 * (k + 1) > have[0] // 4:
+            lines.append(f"{key}: {k:,} steps need a time grid of {gib(8 * (k + 1))}; {have[1]} {gib(have[0])}")
 
 
 def check_teacher(path: str, shape, chain: list[Path], lines: list[str]) -> None:

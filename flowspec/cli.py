@@ -242,8 +242,6 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
            rtol: float = typer.Option(1e-5, "--rtol", help="dopri5 relative tolerance"),
            atol: float = typer.Option(1e-5, "--atol", help="dopri5 absolute tolerance")) -> None:
     """Draw samples from a run's EMA flow map (or, with --solver, from the ODE of its diagonal)."""
-    import numpy as np
-
     from flowspec import checkpoint
     from flowspec.compile import compile_spec
     from flowspec.evaluate import base_samples
