@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flowspec.errors import UserError
+from flowspec.naming import describe, method_name
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train flow maps (consistency models) from TOML specs.")
@@ -181,23 +182,6 @@ def validate(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
         out.print(to_toml(s), markup=False, highlight=False)
     else:
         out.print(f"{spec}: ok")
-
-
-def method_name(objective) -> str:
-    o = objective.options
-    names = {("lagrangian", "self"): "LSD", ("lagrangian", "teacher"): "LMD",
-             ("eulerian", "self"): "ESD", ("eulerian", "teacher"): "EMD",
-             ("eulerian", "conditional"): "MeanFlow (Eulerian consistency training)",
-             ("progressive", "teacher"): "PD", ("flow_matching", "self"): "flow matching",
-             ("fmm", "conditional"): "flow map matching", ("shortcut", "self"): "shortcut model"}
-    if objective.characterization == "progressive" and o.target == "self":
-        return "PSD-M" if o.gamma == "half" else "PSD-U"
-    return names.get((objective.characterization, o.target), f"{objective.characterization} ({o.target})")
-
-
-def describe(graph) -> str:
-    return (f"{method_name(graph.objective)}, {graph.parameter_count():,} parameters, "
-            f"device {graph.device}")
 
 
 @app.command()
