@@ -10,6 +10,21 @@ Public API::
     x = sample(graph.sampler(), x0, steps=2)
 """
 
+import os as _os
+import sys as _sys
+
+if _sys.argv[:1] == ["-m"] or _os.path.basename(_sys.argv[0] if _sys.argv else "") == "flowspec":
+    import signal as _signal
+
+    def _interrupted_while_loading(signum, frame):
+        """Ctrl-C while the command line loads torch: one line, exit 130 (flowspec.cli.main takes
+        over the handling once loaded)."""
+        _sys.stderr.write("flowspec: interrupted\n")
+        _os._exit(130)
+
+    if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+        _signal.signal(_signal.SIGINT, _interrupted_while_loading)
+
 from flowspec.compile import TrainingGraph, compile_spec
 from flowspec.flowmap import FlowMap
 from flowspec.spec import load_spec

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -14,8 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flowspec import distributed
 from flowspec.errors import UserError
+from flowspec.naming import describe, method_name
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train flow maps (consistency models) from TOML specs.")
@@ -74,21 +73,38 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         raise UserError("run: --resume continues RUN_DIR in place; --out and --force do not apply to it")
     if resume is None and spec is None:
         raise UserError("run: missing the spec file (usage: flowspec run SPEC, or flowspec run --resume RUN_DIR)")
+    from flowspec import distributed
+
+    if distributed.launched():
+        from flowspec.launcher import die_with_parent
+
+        die_with_parent()
     if nproc > 1 and not distributed.launched():
         # bad input fails here, in one line, before torchrun starts any process
+        from flowspec import runfolder
+        from flowspec.launcher import launch, precheck
+
         if resume is not None:
-            s, _, name = resumed_spec(resume, spec, set_)
+            s, source, name = resumed_spec(resume, spec, set_)
             check_resumable(resume, s, name)
+            runfolder.check_free(resume)
+            precheck(nproc, s, source, resume)
         else:
-            _load(spec, set_)
+            precheck(nproc, _load(spec, set_), spec, None)
             if out_dir is not None:
                 refuse_existing(out_dir, force)
+
         raise typer.Exit(launch(nproc, spec, set_, runs_dir, out_dir, force, resume))
     if resume is not None:
         run_resumed(resume, spec, set_)
         return
+    from flowspec import runfolder, teachers
+
     s = _load(spec, set_)
+    teachers.own_run[0] = out_dir
     ctx = _join(s)
+    if ctx.is_main and out_dir is not None:
+        refuse_existing(out_dir, force)  # before compiling: a folder that may not be used is refused at once
     graph = _compile(s, spec)
     run_dir = None
     if ctx.is_main:
@@ -100,55 +116,22 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         train(graph, run_dir, err)
     except BaseException:
         if ctx.is_main and not (run_dir / "metrics.jsonl").exists():  # it never started: leave nothing half-written
-            shutil.rmtree(run_dir, ignore_errors=True)
+            runfolder.discard(run_dir)
         raise
+    finally:
+        runfolder.release(run_dir)
     if ctx.is_main:
         out.print(str(run_dir))
 
 
 def _join(s):
     """Under torchrun (WORLD_SIZE > 1): join the process group; the context of this process."""
+    from flowspec import distributed
     from flowspec.compile import resolve_device
 
     if not distributed.launched():
         return distributed.current()
     return distributed.init(resolve_device(s.train.device).type)
-
-
-def launch(nproc: int, spec, overrides, runs_dir: Path, out_dir, force: bool, resume) -> int:
-    """``run --nproc N``: run torchrun (standalone rendezvous) in this process to start N processes
-    of ``flowspec run`` on this machine; returns the exit status of the first process to fail (or
-    0). The processes print their own errors; a failure ends with one line here instead of
-    torchrun's traceback."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run as torchrun
-
-    args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "flowspec", "run"]
-    if spec is not None:
-        args.append(str(spec))
-    for item in overrides or []:
-        args += ["--set", item]
-    args += ["--runs-dir", str(runs_dir)]
-    if out_dir is not None:
-        args += ["--out", str(out_dir)]
-    if force:
-        args.append("--force")
-    if resume is not None:
-        args += ["--resume", str(resume)]
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # torchrun's default too, said out loud
-    try:
-        torchrun(parse_args(args))
-    except ChildFailedError as exc:  # torchrun has stopped the other processes
-        rank, failure = exc.get_first_failure()
-        code = failure.exitcode
-        how = f"exit status {code}" if code > 0 else signal.Signals(-code).name
-        warn(f"run --nproc {nproc}: rank {rank} failed first ({how}); its error is above")
-        return code if code > 0 else 128 - code
-    except SignalException as exc:  # torchrun has passed the signal on to the processes and stopped them
-        warn(f"run --nproc {nproc}: stopped by {exc.sigval.name}")
-        return 128 + int(exc.sigval)
-    return 0
 
 
 def resumed_spec(run_dir: Path, spec: Optional[Path], overrides: Optional[List[str]]):
@@ -165,13 +148,19 @@ def run_resumed(run_dir: Path, spec: Optional[Path], overrides: Optional[List[st
     """``run --resume``: the run's own spec (or ``spec``, which must match it but for train.steps)."""
     from flowspec.train import resume, train
 
+    from flowspec import runfolder, teachers
+
     s, source, name = resumed_spec(run_dir, spec, overrides)
+    teachers.own_run[0] = run_dir
     ctx = _join(s)
-    graph = resume(run_dir, s, name, warn, compile=lambda spec: _compile(spec, source))
-    if ctx.is_main:
-        err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir} (resumed at step {graph.step_count})",
-                  soft_wrap=True)
-    train(graph, run_dir, err, resumed=True)
+    try:
+        graph = resume(run_dir, s, name, warn, compile=lambda spec: _compile(spec, source))
+        if ctx.is_main:
+            err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir} (resumed at step {graph.step_count})",
+                      soft_wrap=True)
+        train(graph, run_dir, err, resumed=True)
+    finally:
+        runfolder.release(run_dir)
     if ctx.is_main:
         out.print(str(run_dir))
 
@@ -183,28 +172,16 @@ def validate(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
     """Check a spec; print every mistake, one line each."""
     from flowspec.spec import to_toml
 
+    from flowspec.checks import check_spec
+
     s = _load(spec, set_)
+    problems = check_spec(s)
+    if problems:
+        raise UserError([f"{spec}: {line}" for line in problems])
     if show:
         out.print(to_toml(s), markup=False, highlight=False)
     else:
         out.print(f"{spec}: ok")
-
-
-def method_name(objective) -> str:
-    o = objective.options
-    names = {("lagrangian", "self"): "LSD", ("lagrangian", "teacher"): "LMD",
-             ("eulerian", "self"): "ESD", ("eulerian", "teacher"): "EMD",
-             ("eulerian", "conditional"): "MeanFlow (Eulerian consistency training)",
-             ("progressive", "teacher"): "PD", ("flow_matching", "self"): "flow matching",
-             ("fmm", "conditional"): "flow map matching", ("shortcut", "self"): "shortcut model"}
-    if objective.characterization == "progressive" and o.target == "self":
-        return "PSD-M" if o.gamma == "half" else "PSD-U"
-    return names.get((objective.characterization, o.target), f"{objective.characterization} ({o.target})")
-
-
-def describe(graph) -> str:
-    return (f"{method_name(graph.objective)}, {graph.parameter_count():,} parameters, "
-            f"device {graph.device}")
 
 
 @app.command()
@@ -249,8 +226,6 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
            rtol: float = typer.Option(1e-5, "--rtol", help="dopri5 relative tolerance"),
            atol: float = typer.Option(1e-5, "--atol", help="dopri5 absolute tolerance")) -> None:
     """Draw samples from a run's EMA flow map (or, with --solver, from the ODE of its diagonal)."""
-    import numpy as np
-
     from flowspec import checkpoint
     from flowspec.compile import compile_spec
     from flowspec.evaluate import base_samples
@@ -262,8 +237,11 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
         raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
     s = load_spec(spec_path, [f"train.device={device}", "eval.metrics=[]"])
     g = compile_spec(s)
-    path = checkpoint.latest(run_dir, warn)
-    checkpoint.load_module(g.ema.model, checkpoint.load_tensors(path), "ema", path)
+    run_id = checkpoint.spec_id(load_spec(spec_path))  # the run's own: another run's checkpoint is skipped
+    ckpt = checkpoint.newest(run_dir, warn, checkpoint.size_limit(g.ema.model), run_id,
+                             accept=lambda c: checkpoint.check_module(g.ema.model, c.tensors, "ema", c.path))
+    path = ckpt.path
+    checkpoint.load_module(g.ema.model, ckpt.tensors, "ema", path)
     if solver is None:
         x = draw(g.sampler(), base_samples(g, n, seed), steps)
         how = f"{steps} step{'s' if steps > 1 else ''}"
@@ -284,8 +262,9 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
             raise UserError(f"--{e['loc'][0]}: {e['msg'].lower()} (got {e['input']!r})") from None
         x, nfe, seconds = ode.sample(g.sampler().eval().velocity, base_samples(g, n, seed), opts)
         how = f"ODE {opts.label()}, NFE {nfe}, {seconds:.2f} s"
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out_file, x.reshape(n, -1).numpy())
+    from flowspec.atomic import atomic_npy
+
+    atomic_npy(out_file, x.reshape(n, -1).numpy())
     out.print(f"{out_file}: {n} samples, {how}, from {path.name}")
 
 
@@ -313,14 +292,26 @@ def schema(markdown: bool = typer.Option(False, "--markdown", help="the spec ref
     print(reference() if markdown else json.dumps(spec_model().model_json_schema(), indent=1), end="")
 
 
+def _interrupted() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third Ctrl-C cannot cut the exit short
+    warn("flowspec: interrupted")
+    sys.exit(130)
+
+
 def main() -> None:
     """Entry point: user errors are one line each, with no traceback unless FLOWSPEC_DEBUG=1."""
     debug = os.environ.get("FLOWSPEC_DEBUG", "") not in ("", "0")
+    if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_interrupted_while_loading":
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         app()
     except UserError as exc:
         if debug:
             raise
+        if exc.exit_code > 128:  # stopped by a signal: another Ctrl-C cannot cut the exit short
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            if os.environ.get("RANK", "0") != "0":  # every rank stopped at the same step: rank 0 says so
+                sys.exit(exc.exit_code)
         warn(*exc.lines)
         sys.exit(exc.exit_code)
     except OSError as exc:  # a full disk or a vanished folder outside the places that name their file
@@ -329,9 +320,12 @@ def main() -> None:
         where = f"{exc.filename}: " if exc.filename else ""
         warn(f"flowspec: {where}{exc.strerror or exc}")
         sys.exit(1)
-    except KeyboardInterrupt:
-        warn("flowspec: interrupted")
-        sys.exit(130)
+    except SystemExit as exc:  # typer turns a KeyboardInterrupt into a silent exit 130
+        if exc.code == 130 and isinstance(getattr(exc.__context__, "__cause__", None), KeyboardInterrupt):
+            _interrupted()
+        raise
+    except KeyboardInterrupt:  # Ctrl-C before training, or a second one during a step
+        _interrupted()
     except Exception as exc:
         if debug:
             raise

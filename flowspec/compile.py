@@ -143,6 +143,8 @@ class TrainingGraph:
     counters: dict[str, int] = field(default_factory=dict)
     #: this process's place in a data-parallel run (flowspec.distributed); one process by default
     dist: distributed.Context = field(default_factory=distributed.Context)
+    #: the teacher run and checkpoint digest this graph distills from (flowspec.teachers), or None
+    teacher_pin: dict | None = None
 
     @property
     def local_batch_size(self) -> int:
@@ -236,7 +238,12 @@ def _seed(seed: int) -> None:
 
 def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingGraph:
     """Build the TrainingGraph of a validated spec (see :func:`flowspec.spec.load_spec`)."""
+    from flowspec.checks import check_spec
+
     registry = registry or default_registry()
+    problems = check_spec(spec, registry)  # every mistake at once, before anything is allocated
+    if problems:
+        raise UserError(problems)
     o = spec.train
     ctx = distributed.current()
     device = resolve_device(o.device, ctx.local_rank)
@@ -317,6 +324,6 @@ def compile_spec(spec: BaseModel, registry: Registry | None = None) -> TrainingG
     return TrainingGraph(spec=spec, dataset=dataset, interpolant=interpolant, base=base,
                          model=model, ema=ema, objective=objective, teacher=teacher,
                          optimizer=optimizer, scheduler=scheduler, metrics=metrics, device=device,
-                         exact=exact, frozen_teacher=frozen, dist=ctx,
+                         exact=exact, frozen_teacher=frozen, dist=ctx, teacher_pin=getattr(frozen, "pin", None),
                          data_generator=torch.Generator().manual_seed(rank_seeds(o.seed, ctx.rank)[0]),
                          generator=torch.Generator(device).manual_seed(rank_seeds(o.seed, ctx.rank)[1]))

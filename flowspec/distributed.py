@@ -56,6 +56,11 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def rank_from_env() -> int:
+    """This process's rank as the launcher set it (0 without a launcher), before joining the group."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def backend(device_type: str) -> str:
     """nccl when training on CUDA with a GPU per local rank; gloo otherwise."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from flowspec import distributed
+from flowspec.atomic import atomic_npy, atomic_write
 from flowspec.flowmap import FlowMap
 
 
@@ -48,8 +49,20 @@ def true_endpoints(graph, x0: torch.Tensor) -> torch.Tensor | None:
     key = (id(graph.exact), o.seed, xs.shape[0], float(xs.sum()))
     if key not in _TRUTH_CACHE:
         _TRUTH_CACHE.clear()
-        _TRUTH_CACHE[key] = true_flow_map(graph.exact.velocity, 0.0, 1.0, xs)
+        try:
+            _TRUTH_CACHE[key] = true_flow_map(graph.exact.velocity, 0.0, 1.0, xs)
+        except (AssertionError, RuntimeError, ValueError) as exc:  # e.g. "underflow in dt" on absurd data
+            _unsolvable(exc)
+            _TRUTH_CACHE[key] = None
     return _TRUTH_CACHE[key]
+
+
+def _unsolvable(exc: BaseException) -> None:
+    import sys
+
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    sys.stderr.write(f"warning: flow_map_error: the true flow map could not be integrated "
+                     f"({type(exc).__name__}: {text[:120]}); the column is left out\n")
 
 
 def _endpoint_error(x: torch.Tensor, truth: torch.Tensor | None, row: dict) -> None:
@@ -95,7 +108,7 @@ def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
         results[str(k)] = row
         if out_dir is not None:
             (out_dir / "samples").mkdir(parents=True, exist_ok=True)
-            np.save(out_dir / "samples" / f"steps-{k}.npy", x.numpy())
+            atomic_npy(out_dir / "samples" / f"steps-{k}.npy", x.numpy())
             if o.plot:
                 plot(x, graph.dataset, out_dir / "samples" / f"steps-{k}.png",
                      f"{graph.spec.name}: {k} step{'s' if k > 1 else ''}  "
@@ -140,15 +153,18 @@ def evaluate_baselines(graph, out_dir: Path | None = None) -> dict:
             if out_dir is not None:
                 (out_dir / "samples").mkdir(parents=True, exist_ok=True)
                 stem = opts.label().replace(" ", "-").replace("/", "_").replace("=", "")
-                np.save(out_dir / "samples" / f"{stem}.npy", x.numpy())
+                atomic_npy(out_dir / "samples" / f"{stem}.npy", x.numpy())
         extras["ode"] = rows
     if graph.exact is not None and o.flow_map_error:
         g = torch.Generator().manual_seed(o.seed + 2)
         n = o.flow_map_samples
         x1 = graph.dataset.sample(n, g).to(graph.device)
         x0 = base_samples(graph, n, o.seed + 3)
-        extras["flow_map_error"] = ode.flow_map_error(graph.sampler(), graph.exact.velocity, x0, x1,
-                                                      graph.interpolant)
+        try:
+            extras["flow_map_error"] = ode.flow_map_error(graph.sampler(), graph.exact.velocity, x0, x1,
+                                                          graph.interpolant)
+        except (AssertionError, RuntimeError, ValueError) as exc:
+            _unsolvable(exc)
     return extras
 
 
@@ -174,7 +190,7 @@ def plot(x: torch.Tensor, dataset, path: Path, title: str, max_points: int = 20_
     ax.set_aspect("equal")
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)
 
 
@@ -204,5 +220,5 @@ def plot_grid(x: torch.Tensor, path: Path, title: str) -> None:
     ax.set_axis_off()
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)

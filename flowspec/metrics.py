@@ -58,16 +58,24 @@ class HistogramKL(Metric):
     Options = HistogramKLOptions
     floor = 1e-10
 
-    def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
+    def _cells(self, dataset: Dataset) -> tuple[list[torch.Tensor], torch.Tensor]:
         unavailable = MetricUnavailable(
             f"kl needs a 2-D dataset with a known density; {type(dataset).__name__} has none"
         )
-        if dataset.shape != (2,) or dataset.bounds() is None:
+        if tuple(dataset.shape) != (2,) or dataset.bounds() is None:
             raise unavailable
         edges = [torch.linspace(lo, hi, self.options.bins + 1, dtype=torch.float64) for lo, hi in dataset.bounds()]
         p = dataset.cell_mass(edges)
         if p is None:
             raise unavailable
+        return edges, p
+
+    def check(self, dataset: Dataset) -> None:
+        """Raise :class:`MetricUnavailable` unless the dataset is 2-D with a closed-form density."""
+        self._cells(dataset)
+
+    def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
+        edges, p = self._cells(dataset)
         x = samples.reshape(samples.shape[0], -1).double()
         q = torch.histogramdd(x, bins=edges).hist / x.shape[0]
         mask = p > 0
@@ -130,10 +138,14 @@ class DigitsFrechet(Metric):
     itself; grows as the samples' feature distribution departs from the digits'.
     """
 
-    def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
+    def check(self, dataset: Dataset) -> None:
+        """Raise :class:`MetricUnavailable` unless the data are 8 x 8 digit images."""
         if tuple(dataset.shape) != (1, 8, 8):
             raise MetricUnavailable(f"digits_fd needs 8 x 8 digit images of shape (1, 8, 8); "
                                     f"{type(dataset).__name__} has shape {tuple(dataset.shape)}")
+
+    def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
+        self.check(dataset)
         from flowspec.features import frechet_distance, statistics, digits_classifier
 
         model, _ = digits_classifier()

@@ -11,8 +11,10 @@ one line each: ``FILE: dotted.key: what is wrong (what would be valid)``.
 from __future__ import annotations
 
 import math
+import os
 import re
 import sys
+import unicodedata
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, Mapping, Optional, Sequence, Union
@@ -93,7 +95,10 @@ class EvalOptions(BaseModel):
 
 
 def _plain_name(name: str) -> str:
-    if not name or name.startswith(".") or re.search(r"[/\\\x00-\x1f]", name):
+    if len(name.encode("utf-8", "surrogatepass")) > 100:
+        raise ValueError("must be at most 100 bytes long (it names a folder, with a timestamp added)")
+    if (not name or name.startswith(".") or re.search(r"[/\\\x00-\x1f]", name)
+            or any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in name)):
         raise ValueError("must be a plain folder name: not empty, no '/', '\\' or control "
                          "characters, not starting with '.'")
     return name
@@ -151,11 +156,14 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip() or any(not p for p in key.strip().split(".")):
-            raise UserError(f"--set {item}: expected section.key=value (e.g. train.steps=100)")
+            raise UserError(f"--set {cut(item)}: expected section.key=value (e.g. train.steps=100)")
         try:
             value = tomllib.loads(f"v = {raw.strip()}")["v"]
         except tomllib.TOMLDecodeError:
             value = raw.strip()
+        except RecursionError:
+            raise UserError(f"--set {cut(key.strip())}: the value is nested too deeply "
+                            f"(at most {MAX_DEPTH} levels)") from None
         parsed.append((key.strip().split("."), value))
     return parsed
 
@@ -185,13 +193,18 @@ def read_toml(path: str | Path) -> dict:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise UserError(f"{path}: TOML syntax error: {exc}") from None
+        raise UserError(f"{path}: TOML syntax error: {cut(str(exc), 200)}") from None
+    except RecursionError:
+        raise UserError(f"{path}: TOML: values nested too deeply (at most {MAX_DEPTH} levels)") from None
 
 
 def validate(data: Mapping[str, Any], source: str = "<spec>", registry: Registry | None = None) -> BaseModel:
     """Validate a spec dict; all errors at once as a UserError of one-line messages."""
     model = spec_model(registry)
-    lines = [f"{source}: {key}: must be a finite number (got {value!r})" for key, value in _leaves(data)
+    deep = too_deep(data)
+    if deep is not None:
+        raise UserError(f"{source}: {cut('.'.join(deep.split('.')[:2]))}: nested more than {MAX_DEPTH} levels deep")
+    lines = [f"{source}: {cut(key)}: must be a finite number (got {value!r})" for key, value in _leaves(data)
              if isinstance(value, float) and not math.isfinite(value)]
     try:
         spec = model.model_validate(dict(data))
@@ -206,6 +219,34 @@ def validate(data: Mapping[str, Any], source: str = "<spec>", registry: Registry
     if lines:
         raise UserError(lines)
     return spec
+
+
+#: nesting of tables and arrays a spec may have (real specs have 3 or 4)
+MAX_DEPTH = 32
+
+
+def cut(text: str, limit: int = 80) -> str:
+    """``text`` cut to ``limit`` characters (long keys and values in one-line messages)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def short(value: Any, limit: int = 80) -> str:
+    return cut(repr(value), limit)
+
+
+def too_deep(data: Any) -> str | None:
+    """The dotted key of the first value nested more than MAX_DEPTH levels deep, or None (iterative:
+    no recursion however deep the input)."""
+    stack = [(data, "", 0)]
+    while stack:
+        node, key, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return key or "(top level)"
+        items = node.items() if isinstance(node, Mapping) else enumerate(node) if isinstance(node, list) else ()
+        for k, v in items:
+            if isinstance(v, (Mapping, list)):
+                stack.append((v, f"{key}.{k}" if key else str(k), depth + 1))
+    return None
 
 
 def _leaves(data: Any, prefix: str = ""):
@@ -242,131 +283,11 @@ def load_spec(path: str | Path, overrides: Sequence[str] = (), registry: Registr
         raise UserError(f"{path}: the spec is empty (it needs at least [data] and [objective])")
     data = apply_overrides(raw, overrides)
     data.setdefault("name", Path(path).stem)
+    teacher = data.get("teacher")
+    if isinstance(teacher, dict) and isinstance(teacher.get("path"), str) and teacher["path"]:
+        # a teacher run relative to the spec file's folder, stored absolute in the resolved spec
+        teacher["path"] = os.path.abspath(Path(path).parent / Path(teacher["path"]).expanduser())
     return validate(data, str(path), registry)
-
-
-# -- error messages ---------------------------------------------------------------------------------
-
-def _valid_keys(loc: tuple, data: Mapping[str, Any], registry: Registry) -> list[str]:
-    """The keys allowed in the table at ``loc`` (for 'unknown key' messages)."""
-    model = spec_model(registry)
-    if len(loc) == 0:
-        return list(model.model_fields)
-    section = loc[0]
-    if section in COMPONENT_SECTIONS and len(loc) == 1:
-        group = COMPONENT_SECTIONS[section]
-        raw = data.get(section, {})
-        name = raw.get(discriminator(group), DEFAULT_KINDS.get(section)) if isinstance(raw, dict) else None
-        try:
-            return list(component_model(registry, group, name).model_fields)
-        except UserError:
-            return []
-    if section in ("train", "eval") and len(loc) == 1:
-        return list(model.model_fields[section].annotation.model_fields)
-    if section == "teacher" and len(loc) == 1:
-        from flowspec.teachers import TeacherOptions
-
-        return list(TeacherOptions.model_fields)
-    if section == "eval" and len(loc) == 3 and loc[1] == "ode":
-        return list(ODEOptions.model_fields)
-    return []
-
-
-def _unusable(registry: Registry, group: str, name: Any) -> str | None:
-    """'GROUP 'NAME' from DIST VERSION is unusable: ERROR' when ``name`` is a registered component that
-    failed to load (import error, or the same name from two distributions), else None."""
-    comp = registry.components(group).get(name) if isinstance(name, str) else None
-    if comp is None or comp.error is None:
-        return None
-    return f"{group[:-1]} {name!r} from {comp.origin} is unusable: {comp.error}"
-
-
-def _component_name_error(err: dict, loc: list, registry: Registry) -> str | None:
-    """The message for a component name that is registered but unusable (a failing plugin)."""
-    if not loc:
-        return None
-    if loc[0] == "eval" and len(loc) >= 2 and loc[1] == "metrics" and err["type"] == "literal_error":
-        return _unusable(registry, "metrics", err.get("input"))
-    group = COMPONENT_SECTIONS.get(loc[0])
-    if group is None:
-        return None
-    if err["type"] == "union_tag_invalid":
-        return _unusable(registry, group, err.get("ctx", {}).get("tag"))
-    if err["type"] == "literal_error" and loc[-1] == discriminator(group):  # a one-member union
-        return _unusable(registry, group, err.get("input"))
-    return None
-
-
-def _describe(err: dict) -> str:
-    kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
-    if kind == "missing":
-        return "missing (required)"
-    if kind == "literal_error":
-        valid = ctx.get("expected", "").replace("'", "").replace(" or ", ", ")
-        return f"{got!r} is not valid (valid: {valid})"
-    if kind == "union_tag_invalid":
-        valid = ctx.get("expected_tags", "").replace("'", "")
-        return f"unknown name {ctx.get('tag')!r} (known: {valid})"
-    msg = err["msg"].removeprefix("Value error, ")
-    msg = msg[0].lower() + msg[1:]
-    msg = msg.replace("input should be", "must be")
-    return f"{msg} (got {got!r})" if not isinstance(got, (dict, list)) else msg
-
-
-def format_errors(exc: ValidationError, data: Mapping[str, Any], source: str, registry: Registry) -> list[str]:
-    """pydantic errors -> ``source: dotted.key: message`` lines (union tags removed from keys)."""
-    lines: list[str] = []
-    alternatives: dict[str, tuple[Any, list[str]]] = {}
-    for err in exc.errors(include_url=False):
-        loc = list(err["loc"])
-        if loc and loc[0] in COMPONENT_SECTIONS and len(loc) > 1 and err["type"] != "union_tag_invalid":
-            raw = data.get(loc[0])
-            if isinstance(raw, dict) and raw.get(discriminator(COMPONENT_SECTIONS[loc[0]])) == loc[1]:
-                del loc[1]  # pydantic puts the union tag in the location
-            elif not isinstance(raw, dict) and loc[1] == DEFAULT_KINDS.get(loc[0]):
-                del loc[1]
-        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):
-            loc.append(discriminator(COMPONENT_SECTIONS[loc[0]]))
-        if len(loc) > 1 and isinstance(loc[-1], str) and UNION_MEMBER.match(loc[-1]):
-            key = ".".join(str(p) for p in loc[:-1])  # one line for all the members of a plain union
-            alternatives.setdefault(key, (err.get("input"), []))[1].append(_alternative(loc[-1], err))
-            line = f"{source}: {key}: " + "\0"
-            if line not in lines:
-                lines.append(line)
-            continue
-        key = ".".join(str(p) for p in loc) or "(top level)"
-        if err["type"] == "union_tag_not_found":
-            known = ", ".join(registry.names(COMPONENT_SECTIONS[loc[0]]))
-            text = f"missing {loc[-1]} (known: {known})"
-        elif err["type"] == "extra_forbidden":
-            valid = _valid_keys(tuple(loc[:-1]), data, registry)
-            text = "unknown key" + (f" (valid: {', '.join(valid)})" if valid else "")
-        else:
-            text = _component_name_error(err, loc, registry) or _describe(err)
-        line = f"{source}: {key}: {text}"
-        if line not in lines:
-            lines.append(line)
-    for key, (got, alts) in alternatives.items():
-        index = lines.index(f"{source}: {key}: " + "\0")
-        lines[index] = f"{source}: {key}: {got!r} is not valid (valid: {', '.join(alts)})"
-    return lines
-
-
-#: how pydantic names the members of a plain (undiscriminated) union in an error location
-UNION_MEMBER = re.compile(r"^((constrained-)?(float|int|str|bool)|none|(literal|list|dict|tuple)\[.*\])$")
-
-
-def _alternative(member: str, err: dict) -> str:
-    """What one member of a union would accept, for a merged union error."""
-    if err["type"] == "literal_error":
-        return err.get("ctx", {}).get("expected", member).replace("'", "").replace(" or ", ", ")
-    noun = {"float": "a number", "int": "an integer", "str": "a string", "bool": "true or false"}.get(
-        member.removeprefix("constrained-"))
-    if noun is None:
-        return member
-    if err["type"].endswith(("_type", "_parsing")):
-        return noun
-    return f"{noun} {err['msg'].removeprefix('Input should be ')}"
 
 
 # -- writing the resolved spec ----------------------------------------------------------------------
@@ -397,69 +318,16 @@ def to_toml(spec: BaseModel) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-# -- the spec reference (docs/spec.md is this function's output) ------------------------------------
-
-def _type_name(ann: Any) -> str:
-    from typing import get_args, get_origin
-
-    origin, args = get_origin(ann), get_args(ann)
-    if origin is Literal:
-        return " \\| ".join(repr(a) for a in args)
-    if origin is Annotated:
-        return _type_name(args[0])
-    if origin in (Union, getattr(__import__("types"), "UnionType", Union)):
-        return " \\| ".join(_type_name(a) for a in args)
-    if origin in (list, tuple):
-        return f"list[{_type_name(args[0])}]" if args else "list"
-    return "none" if ann is type(None) else getattr(ann, "__name__", str(ann))
-
-
-def _row(name: str, info) -> str:
-    default = info.get_default(call_default_factory=False)
-    shown = "required" if info.is_required() else ("(see below)" if info.default_factory else repr(default))
-    typ = _type_name(info.annotation)
-    desc = (info.description or "").replace("|", "\\|")
-    return f"| `{name}` | `{typ}` | `{shown}` | {desc} |"
-
-
-def _table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]:
-    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    return rows + [_row(n, f) for n, f in model.model_fields.items() if n not in skip]
-
-
 def reference(registry: Registry | None = None) -> str:
-    """Markdown reference of every spec section and every registered component's options."""
-    registry = registry or default_registry()
-    model = spec_model(registry)
-    out = ["# Spec reference", "",
-           "Generated by `flowspec schema --markdown` from the pydantic models (do not edit by hand).",
-           "Every key has the default shown; the resolved spec in a run folder lists them all.", "",
-           "## Top level", "", *_table(model, tuple(COMPONENT_SECTIONS) + ("train", "eval", "teacher"))]
-    for section, group in COMPONENT_SECTIONS.items():
-        key = discriminator(group)
-        default = DEFAULT_KINDS.get(section)
-        out += ["", f"## [{section}]", "",
-                f"Choose with `{key} = \"...\"`" + (f" (default `{default}`)." if default else " (required)."),
-                ""]
-        for name in registry.names(group):
-            cls = registry.get(group, name)
-            doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-            comp = registry.components(group)[name]
-            out += [f"### {key} = \"{name}\"", "", f"{doc} ({comp.distribution})", "",
-                    *_table(component_model(registry, group, name), (key,)), ""]
-    from flowspec.teachers import TeacherOptions
+    """Markdown reference of every spec section and every registered component's options
+    (:func:`flowspec.reference.reference`)."""
+    from flowspec.reference import reference as markdown
 
-    out += ["", "## [teacher]", "", "Optional; required when `objective.target = \"teacher\"`.", "",
-            *_table(TeacherOptions)]
-    for section in ("train", "eval"):
-        out += ["", f"## [{section}]", "", *_table(model.model_fields[section].annotation)]
-    out += ["", "### [[eval.ode]] entries", "", *_table(ODEOptions)]
-    out += ["", "### eval.metric_options", "",
-            "Options of each metric in `eval.metrics`, as `metric_options = {NAME = {key = value}}`."]
-    for name in registry.names("metrics"):
-        cls = registry.get("metrics", name)
-        doc = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
-        fields = cls.Options.model_fields
-        out += ["", f"#### {name}", "", f"{doc} ({registry.components('metrics')[name].distribution})", ""]
-        out += _table(cls.Options) if fields else ["No options."]
-    return "\n".join(out).rstrip() + "\n"
+    return markdown(registry)
+
+
+def format_errors(exc: ValidationError, data: Mapping[str, Any], source: str, registry: Registry) -> list[str]:
+    """pydantic errors as one-line messages (:func:`flowspec.specerrors.format_errors`)."""
+    from flowspec.specerrors import format_errors as lines
+
+    return lines(exc, data, source, registry)

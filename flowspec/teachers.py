@@ -50,8 +50,8 @@ class TeacherOptions(BaseModel):
     kind: Literal["analytic", "run"] = Field(
         ..., description='analytic: the exact velocity of the spec\'s own dataset; run: the EMA diagonal '
         'v_{t,t} of a flowspec run folder')
-    path: Optional[str] = Field(None, description='kind = "run": the run folder (its spec.toml and latest '
-                                                  'checkpoint are read)')
+    path: Optional[str] = Field(None, description='kind = "run": the run folder (its spec.toml and newest good '
+                                                  'checkpoint are read), relative to the spec file\'s folder')
 
     @model_validator(mode="after")
     def _check_path(self) -> "TeacherOptions":
@@ -69,6 +69,7 @@ class FlowMapTeacher:
     def __init__(self, flow_map: nn.Module, source: str = ""):
         self.flow_map = flow_map.requires_grad_(False).eval()
         self.source = source
+        self.pin: dict | None = None
 
     @torch.no_grad()
     def velocity(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -78,13 +79,23 @@ class FlowMapTeacher:
         return self.velocity(s, x)
 
 
+#: the run folder this process trains in (a teacher run may not be it), and the teacher runs being
+#: loaded (a teacher whose own teacher leads back is a cycle)
+own_run: list = [None]
+_loading: list = []
+
+
 def load_run_teacher(path: str, device: torch.device, shape: tuple[int, ...]) -> FlowMapTeacher:
-    """The EMA flow map of a run folder, frozen (its resolved spec compiled, the latest checkpoint
-    loaded through :mod:`flowspec.checkpoint`: safetensors, checksum verified).
+    """The EMA flow map of a run folder, frozen (its resolved spec compiled, its newest good
+    checkpoint loaded through :mod:`flowspec.checkpoint`: safetensors, every byte verified). The
+    teacher's ``pin`` records the run and the checkpoint's digest (a student's checkpoints keep it,
+    and a resume refuses another teacher).
 
     Raises:
-        UserError: not a run folder, no checkpoint, or a data shape other than ``shape``.
+        UserError: not a run folder, this run's own folder, a cycle of teachers, no good
+        checkpoint, or a data shape other than ``shape``.
     """
+    import sys
     from pathlib import Path
 
     from flowspec import checkpoint
@@ -93,16 +104,37 @@ def load_run_teacher(path: str, device: torch.device, shape: tuple[int, ...]) ->
     from flowspec.spec import load_spec
 
     run = Path(path)
-    if not (run / "spec.toml").exists():
+    if not (run / "spec.toml").is_file():
         raise UserError(f"teacher.path: {path}: not a run folder (no spec.toml)")
+    key = run.resolve()
+    own = Path(own_run[0]).resolve() if own_run[0] is not None else None
+    if key == own and not _loading:
+        raise UserError(f"teacher.path: {path}: is this run's own folder (a run cannot teach itself)")
+    if key in _loading or key == own:
+        start = _loading.index(key) if key in _loading else 0
+        chain = " -> ".join(str(p) for p in ([] if key in _loading else [own]) + _loading[start:] + [key])
+        raise UserError(f"teacher.path: {path}: the teacher runs form a cycle ({chain})")
     spec = load_spec(run / "spec.toml", [f"train.device={device.type}", "eval.metrics=[]",
                                          "eval.flow_map_error=false", "eval.ode=[]"])
     rng = torch.random.get_rng_state()
-    graph = compile_spec(spec)
+    _loading.append(key)
+    try:
+        graph = compile_spec(spec)
+    finally:
+        _loading.pop()
     torch.random.set_rng_state(rng)
     if tuple(graph.dataset.shape) != tuple(shape):
         raise UserError(f"teacher.path: {path}: the teacher's data shape {tuple(graph.dataset.shape)} "
                         f"differs from this spec's {tuple(shape)}")
-    ckpt = checkpoint.latest(run)
-    checkpoint.load_module(graph.ema.model, checkpoint.load_tensors(ckpt), "ema", ckpt)
-    return FlowMapTeacher(graph.ema.model.to(device), f"{path} ({ckpt.name})")
+    model = graph.ema.model
+
+    def warn(line: str) -> None:
+        sys.stderr.write(f"{line} (teacher)\n")
+
+    run_id = checkpoint.spec_id(load_spec(run / "spec.toml"))  # another run's checkpoint copied in is skipped
+    ckpt = checkpoint.newest(run, warn, checkpoint.size_limit(model), run_id,
+                             accept=lambda c: checkpoint.check_module(model, c.tensors, "ema", c.path))
+    checkpoint.load_module(model, ckpt.tensors, "ema", ckpt.path)
+    teacher = FlowMapTeacher(model.to(device), f"{path} ({ckpt.path.name})")
+    teacher.pin = {"run": str(key), "checkpoint": ckpt.path.name, "sha256": ckpt.digest}
+    return teacher

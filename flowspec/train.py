@@ -12,7 +12,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import signal
 import sys
 import threading
@@ -24,10 +23,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flowspec import checkpoint, distributed
+from flowspec import atomic, checkpoint, distributed, runfolder
 from flowspec.compile import TrainingGraph
 from flowspec.errors import UserError
 from flowspec.evaluate import evaluate, evaluate_baselines
+from flowspec.runfolder import make as make_run_dir, refuse_existing  # noqa: F401 (the CLI's names)
 from flowspec.spec import to_toml
 
 
@@ -43,33 +43,6 @@ def environment(graph: TrainingGraph) -> dict:
         env["gpu"] = torch.cuda.get_device_name(graph.device)
         env["cuda"] = torch.version.cuda
     return env
-
-
-def refuse_existing(path: Path, force: bool) -> bool:
-    """True when ``path`` is a non-empty folder that ``force`` allows to overwrite; an error without it."""
-    if not (path.exists() and any(path.iterdir())):
-        return False
-    if not force:
-        raise UserError(f"{path}: run folder exists (use --force to overwrite, or --out for another)")
-    return True
-
-
-def make_run_dir(name: str, runs_dir: Path = Path("runs"), out: Path | None = None, force: bool = False) -> Path:
-    """Create the run folder; an existing one is refused unless ``force`` (then it is emptied)."""
-    path = out if out is not None else runs_dir / f"{name}-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    if refuse_existing(path, force):
-        shutil.rmtree(path)
-    created = not path.exists()
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        if created and path.is_dir():
-            shutil.rmtree(path, ignore_errors=True)
-        raise UserError(f"{path}: cannot write the run folder: {exc.strerror or exc}", exit_code=1) from None
-    return path
 
 
 def results_table(results: dict[str, dict[str, float]], title: str) -> Table:
@@ -99,7 +72,14 @@ class SignalStop:
 
     def _handle(self, signum: int, frame) -> None:
         self.signum = signum
-        signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        signal.signal(signum, self._again if previous is signal.default_int_handler else previous)
+
+    @staticmethod
+    def _again(signum: int, frame) -> None:
+        """A second Ctrl-C: interrupt now, and ignore any further one while the process exits."""
+        signal.signal(signum, signal.SIG_IGN)
+        raise KeyboardInterrupt
 
     def __enter__(self) -> "SignalStop":
         if threading.current_thread() is threading.main_thread():
@@ -181,7 +161,7 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
         if log is None:
             return
         try:
-            log.write(json.dumps(record) + "\n")
+            log.write(atomic.dumps(record) + "\n")
             log.flush()
         except OSError as exc:
             raise UserError(f"{run_dir / 'metrics.jsonl'}: cannot write: {exc.strerror or exc}",
@@ -248,8 +228,12 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
         if not main:
             return results
         extras = evaluate_baselines(graph, run_dir)
-        write({"step": graph.step_count, "eval": results, **extras})
-        checkpoint.atomic_text(run_dir / "eval.json", json.dumps(
+        log.close()  # the final record: the whole log rewritten at once (a full disk cuts no line)
+        log, path = None, run_dir / "metrics.jsonl"
+        kept = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+        kept += "\n" if kept and not kept.endswith("\n") else ""
+        checkpoint.atomic_text(path, kept + atomic.dumps({"step": graph.step_count, "eval": results, **extras}) + "\n")
+        checkpoint.atomic_text(run_dir / "eval.json", atomic.dumps(
             {"step": graph.step_count, "num_samples": ev.num_samples, "metrics": list(graph.metrics),
              "steps": results, **extras}, indent=1))
     finally:
@@ -316,13 +300,15 @@ def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGrap
     from flowspec.compile import compile_spec
 
     check_resumable(run_dir, spec, source)
+    if not distributed.launched() or distributed.rank_from_env() == 0:
+        runfolder.acquire(run_dir)  # before compiling: a live run is refused at once
     graph = (compile or compile_spec)(spec)
     main = graph.dist.is_main
     if main:
         checkpoint.remove_temporaries(run_dir)
     if checkpoint.stems(run_dir / "checkpoints"):
-        path = checkpoint.latest(run_dir, warn)
-        checkpoint.restore(graph, path)
+        checkpoint.newest(run_dir, warn, checkpoint.size_limit(graph.model), checkpoint.spec_id(spec),
+                          accept=lambda ckpt: checkpoint.restore(graph, ckpt))
     else:
         warn(f"warning: {run_dir}: no checkpoint yet; starting again from step 0")
     if graph.step_count > spec.train.steps:

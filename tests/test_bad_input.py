@@ -204,12 +204,12 @@ def test_unwritable_output_folder(tiny_spec, tmp_path, main):
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(tiny_spec, tmp_path, main, monkeypatch):
-    import flowspec.checkpoint
+    import flowspec.atomic
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(flowspec.checkpoint.os, "fsync", no_space)
+    monkeypatch.setattr(flowspec.atomic.os, "fsync", no_space)
     out = tmp_path / "run"
     code, _, err = main("run", tiny_spec(), "--out", out)
     assert (code, err.strip().splitlines()[1:]) == (1, [f"{out / 'spec.toml'}: cannot write: No space left on device"])
@@ -222,11 +222,11 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint(tiny_spec, tmp_path, main
     real = flowspec.checkpoint.save_bytes
     calls = []
 
-    def save_then_fill(tensors):
+    def save_then_fill(tensors, **kw):
         calls.append(1)
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real(tensors)
+        return real(tensors, **kw)
 
     monkeypatch.setattr(flowspec.checkpoint, "save_bytes", save_then_fill)
     out = tmp_path / "run"
@@ -234,7 +234,7 @@ def test_a_full_disk_mid_run_keeps_the_last_checkpoint(tiny_spec, tmp_path, main
     ckpt = out / "checkpoints"
     assert (code, err.strip().splitlines()[-1]) == (
         1, f"{ckpt / 'step-00000004.safetensors'}: cannot write: No space left on device")
-    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-00000002.json", "step-00000002.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step-00000002.safetensors"]
     assert (ckpt / "latest").read_text() == "step-00000002\n"
 
 

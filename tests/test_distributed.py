@@ -180,3 +180,54 @@ def test_nproc_resume_checks_the_spec_before_any_process_starts(tmp_path):
     r = _run(["run", "--resume", str(run_dir), "--set", "eval.num_samples=5", "--nproc", "2"], tmp_path)
     assert (r.returncode, r.stderr) == (2, f"--set: differs from the run's spec {run_dir / 'spec.toml'} in "
                                            "eval.num_samples (only train.steps may change on resume)\n")
+
+
+def test_ranks_end_with_a_killed_launcher_and_another_process_count_is_refused(tmp_path, main):
+    """kill -9 of the `--nproc 2` launcher: both ranks stop (with a checkpoint) instead of training
+    on; resuming that run with one process, or a one-process run with two, is refused in one line."""
+    import signal
+    import time
+
+    spec = tmp_path / "long.toml"
+    spec.write_text('[data]\nkind = "checkerboard"\n[network]\nkind = "mlp"\nwidth = 16\ndepth = 1\n'
+                    '[objective]\ncharacterization = "lagrangian"\n'
+                    '[train]\nsteps = 1000000\nbatch_size = 8\ncheckpoint_every = 50\ndevice = "cpu"\n'
+                    '[eval]\nmetrics = []\nnum_samples = 4\nsteps = [1]\n')
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen([sys.executable, "-m", "flowspec", "run", str(spec), "--nproc", "2",
+                                 "--out", str(run_dir)], env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while (not list((run_dir / "checkpoints").glob("*.safetensors")) and launcher.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.2)
+    ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True,
+                                            text=True).stdout.split()]
+    assert len(ranks) == 2, launcher.stderr.read() if launcher.poll() is not None else ranks
+    launcher.kill()
+    launcher.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+
+    deadline = time.monotonic() + 60
+    while any(alive(p) for p in ranks) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in ranks)
+    assert launcher.returncode == -signal.SIGKILL
+    code, _, err = main("run", "--resume", run_dir)
+    assert (code, err.strip()) == (2, f"{run_dir}: trained with 2 processes, resumed with 1: the result would "
+                                      "differ; resume with --nproc 2")
+    # a one-process run resumed with two processes: refused by the launcher, before any rank starts
+    single = tmp_path / "single"
+    code, _, err = main("run", spec, "--out", single, "--set", "train.steps=2", "--set", "train.checkpoint_every=1")
+    assert code == 0, err
+    code, _, err = main("run", "--resume", single, "--nproc", "2")
+    assert (code, err.strip()) == (2, f"{single}: trained with 1 process, resumed with 2: the result would "
+                                      "differ; resume with one process (no --nproc)")

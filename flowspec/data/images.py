@@ -39,6 +39,8 @@ class ImageDataset(Dataset):
 
     Options: ClassVar[type[ImageDatasetOptions]] = ImageDatasetOptions
     max_value: ClassVar[float] = 255.0
+    #: the per-sample shape when it is known without reading the images (for ``flowspec validate``)
+    known_shape: ClassVar[tuple[int, ...] | None] = None
 
     def __init__(self, options: ImageDatasetOptions | None = None):
         super().__init__(options)
@@ -83,6 +85,7 @@ class Digits(ImageDataset):
     """scikit-learn's bundled 8 x 8 digits (1797 images, 17 gray levels), shape (1, 8, 8), in [-1, 1]."""
 
     max_value = 16.0
+    known_shape = (1, 8, 8)
 
     def load(self) -> np.ndarray:
         try:
@@ -130,6 +133,7 @@ class MNIST(ImageDataset):
     shape (1, 28, 28), in [-1, 1]."""
 
     Options = FileDatasetOptions
+    known_shape = (1, 28, 28)
 
     def load(self) -> np.ndarray:
         root = Path(self.options.root)
@@ -148,6 +152,7 @@ class CIFAR10(ImageDataset):
     above ``cifar-10-batches-bin``), shape (3, 32, 32), in [-1, 1]."""
 
     Options = FileDatasetOptions
+    known_shape = (3, 32, 32)
     record = 1 + 3 * 32 * 32
 
     def files(self) -> tuple[Path, list[Path]]:

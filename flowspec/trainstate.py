@@ -1,0 +1,167 @@
+"""A training graph's state as tensors (for safetensors) and plain JSON data: model, EMA, optimizer,
+schedule, counters and every random generator; and back (flowspec.checkpoint writes and reads it)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flowspec import distributed
+from flowspec.errors import UserError
+
+
+def collect(graph) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(tensors, state) of the graph's full training state; None on ranks other than 0 (in a
+    data-parallel run every rank calls this: the generator states are gathered)."""
+    ranks = _rank_generators(graph)
+    if ranks is None:
+        return None
+    tensors: dict[str, torch.Tensor] = {}
+    tensors.update({f"model.{k}": v for k, v in graph.model.state_dict().items()})
+    tensors.update({f"ema.{k}": v for k, v in graph.ema.model.state_dict().items()})
+    opt_tensors, opt_meta = _split_optimizer(graph.optimizer.state_dict())
+    tensors.update(opt_tensors)
+    tensors["rng.data"] = graph.data_generator.get_state()
+    tensors["rng.train"] = graph.generator.get_state()
+    tensors.update(ranks)
+    rng_tensors, rng_meta = _global_rng()
+    tensors.update(rng_tensors)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
+    state = {"step": graph.step_count, "ema_updates": graph.ema.updates, "optimizer": opt_meta,
+             "scheduler": graph.scheduler.state_dict(), "rng": rng_meta, "counters": dict(graph.counters),
+             "world_size": graph.dist.world_size}
+    return tensors, state
+
+
+def apply(graph, tensors: dict[str, torch.Tensor], state: dict, source: Path) -> None:
+    """Load (tensors, state) into a freshly compiled graph; a one-line UserError (exit 1) when they
+    do not fit it (the modules are checked before anything is changed)."""
+    check_module(graph.model, tensors, "model", source)
+    check_module(graph.ema.model, tensors, "ema", source)
+    try:
+        step, ema_updates = int(state["step"]), int(state["ema_updates"])
+        counters = {str(k): int(v) for k, v in state.get("counters", {}).items()}
+        load_module(graph.model, tensors, "model", source)
+        load_module(graph.ema.model, tensors, "ema", source)
+        graph.optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+        graph.scheduler.load_state_dict(state["scheduler"])
+        _restore_generators(graph, tensors, step)
+        _set_global_rng(tensors, state["rng"])
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
+        raise UserError(f"{source}: checkpoint does not match the training state "
+                        f"({type(exc).__name__}: {exc})".replace("\n", " "), exit_code=1) from None
+    graph.step_count, graph.ema.updates, graph.counters = step, ema_updates, counters
+
+
+def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, meta = {}, {"param_groups": state["param_groups"], "scalars": {}}
+    for idx, slots in state["state"].items():
+        for name, value in slots.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{idx}.{name}"] = value
+            else:
+                meta["scalars"][f"{idx}.{name}"] = value
+    return tensors, meta
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+
+def _global_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """torch, numpy and python global RNG states: tensors for safetensors, the rest for JSON."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, py_state, py_gauss = random.getstate()
+    tensors = {"rng.torch": torch.get_rng_state(),
+               "rng.numpy": torch.from_numpy(keys.astype(np.int64))}
+    meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+            "python": [version, list(py_state), py_gauss]}
+    return tensors, meta
+
+
+def _set_global_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    kind, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, py_state, py_gauss = meta["python"]
+    random.setstate((version, tuple(py_state), py_gauss))
+
+
+
+def _rank_generators(graph) -> dict[str, torch.Tensor] | None:
+    """Ranks 1..W-1's generator states as ``rng.{data,train}.rank{r}`` on rank 0 ({} for a single
+    process); None on the other ranks (they write nothing)."""
+    ctx = graph.dist
+    if not ctx.enabled:
+        return {}
+    data = distributed.gather_states(graph.data_generator.get_state(), graph.device)
+    train = distributed.gather_states(graph.generator.get_state(), graph.device)
+    if not ctx.is_main:
+        return None
+    out = {}
+    for r in range(1, ctx.world_size):
+        out[f"rng.data.rank{r}"], out[f"rng.train.rank{r}"] = data[r], train[r]
+    return out
+
+
+def _restore_generators(graph, tensors: dict[str, torch.Tensor], step: int) -> None:
+    """This rank's generator states; a rank the checkpoint has none for (the run was resumed with
+    more processes) gets generators seeded from its rank and the step."""
+    rank = graph.dist.rank
+    if rank == 0:
+        graph.data_generator.set_state(tensors["rng.data"])
+        graph.generator.set_state(tensors["rng.train"])
+    elif f"rng.data.rank{rank}" in tensors:
+        graph.data_generator.set_state(tensors[f"rng.data.rank{rank}"])
+        graph.generator.set_state(tensors[f"rng.train.rank{rank}"])
+    else:
+        from flowspec.compile import rank_seeds
+
+        data_seed, train_seed = rank_seeds(graph.spec.train.seed + 7919 * step, rank)
+        graph.data_generator.manual_seed(data_seed)
+        graph.generator.manual_seed(train_seed)
+
+
+
+def check_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> dict:
+    """The ``prefix.*`` tensors as the module's state; mismatches are one-line errors naming parameters."""
+    state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    common = set(state) & set(expected)
+    wrong = sorted(k for k in common if state[k].shape != expected[k].shape)
+    dtype = sorted(k for k in common if state[k].dtype != expected[k].dtype and k not in wrong)
+    if missing or unexpected or wrong or dtype:
+        parts = [f"{label}: {', '.join(names[:5])}" + (" ..." if len(names) > 5 else "")
+                 for label, names in (("missing", missing), ("unexpected", unexpected),
+                                      ("wrong shape", wrong), ("wrong dtype", dtype)) if names]
+        raise UserError(f"{source}: checkpoint does not match the network ({'; '.join(parts)})", exit_code=1)
+    return state
+
+
+
+
+def load_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> None:
+    """Load ``prefix.*`` tensors into a module (checked by :func:`check_module`)."""
+    module.load_state_dict(check_module(module, tensors, prefix, source))
+
+
+def size_limit(module: torch.nn.Module) -> int:
+    """The most bytes a checkpoint of ``module`` can hold: model, EMA and two optimizer moments per
+    parameter, in float64 at most, twice over, plus room for generator states and metadata."""
+    count = sum(t.numel() for t in module.state_dict().values())
+    return 8 * 8 * count + (64 << 20)

@@ -1,0 +1,264 @@
+"""Nothing a user owns is lost and nothing a run trusts goes unverified: --force on user folders,
+the run-folder lock, checkpoint damage of every kind, pinned teachers, strict end files."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flowspec import checkpoint, runfolder
+from flowspec.compile import compile_spec
+from flowspec.errors import UserError
+from flowspec.spec import load_spec
+from flowspec.train import train
+
+
+@pytest.fixture
+def finished(tiny_spec, tmp_path) -> Path:
+    """A finished tiny run (checkpoints at steps 3 and 6)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    train(compile_spec(load_spec(tiny_spec(), ["eval.plot=false", 'eval.metrics=["energy"]'])), out)
+    return out
+
+
+# -- --force --------------------------------------------------------------------------------------
+
+def test_force_refuses_the_working_directory_and_its_ancestors(tiny_spec, tmp_path, main, monkeypatch):
+    spec = tiny_spec()
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    (work / "notes.txt").write_text("mine")
+    for target, what in ((".", "the working directory"), ("..", "a folder above the working directory")):
+        code, _, err = main("run", spec, "--out", target, "--force")
+        assert (code, err.strip()) == (2, f"{target}: --force: refusing to empty {what}; name a run folder with --out")
+    assert (work / "notes.txt").read_text() == "mine" and spec.exists()
+
+
+def test_force_refuses_a_folder_with_other_files(tiny_spec, finished, tmp_path, main):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    code, _, err = main("run", tiny_spec(), "--out", user, "--force")
+    assert code == 2 and err.strip() == (f"{user}: --force: not a flowspec run folder (it holds thesis.tex); "
+                                         "--force empties only run folders: choose another --out")
+    (finished / "checkpoints" / "keep.me").write_text("x")  # a run folder with a foreign file in it
+    code, _, err = main("run", tiny_spec(), "--out", finished, "--force")
+    assert code == 2 and "it holds checkpoints/keep.me" in err and (finished / "spec.toml").exists()
+    assert (user / "thesis.tex").exists()
+
+
+def test_force_replaces_a_run_folder(tiny_spec, finished, main):
+    old = (finished / "metrics.jsonl").read_text()
+    code, out, err = main("run", tiny_spec(), "--out", finished, "--force", "--set", "train.steps=2")
+    assert code == 0, err
+    assert (finished / "metrics.jsonl").read_text() != old
+    assert checkpoint.stems(finished / "checkpoints") == ["step-00000002"]
+
+
+def test_automatic_names_never_collide(tmp_path):
+    made = {runfolder.make("same", tmp_path) for _ in range(3)}
+    assert len(made) == 3 and all(p.parent == tmp_path and p.name.startswith("same-") for p in made)
+    for p in made:
+        runfolder.release(p)
+
+
+# -- the lock -------------------------------------------------------------------------------------
+
+def hold(run_dir: Path) -> int:
+    """Lock the folder the way another flowspec process would (another open file description)."""
+    fd = os.open(run_dir / runfolder.LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, b"4242\n", 0)
+    return fd
+
+
+def test_a_live_run_refuses_resume_and_a_second_writer(tiny_spec, finished, main):
+    fd = hold(finished)
+    try:
+        live = (f"{finished}: a flowspec process (pid 4242) is training in this run folder; "
+                "wait for it to end (or stop it) first")
+        for args in (("run", "--resume", finished), ("run", tiny_spec(), "--out", finished, "--force")):
+            code, _, err = main(*args)
+            assert (code, err.strip()) == (2, live)
+    finally:
+        os.close(fd)  # the lock goes with the descriptor, as it goes with a killed process
+    code, _, err = main("run", "--resume", finished)
+    assert code == 0, err
+
+
+# -- checkpoint integrity -------------------------------------------------------------------------
+
+def resumed_from(run_dir: Path, spec) -> tuple[int, list[str]]:
+    from flowspec.train import resume
+
+    warnings: list[str] = []
+    graph = resume(run_dir, spec, "spec.toml", warnings.append)
+    runfolder.release(run_dir)
+    return graph.step_count, warnings
+
+
+def test_any_damaged_byte_of_the_newest_checkpoint_falls_back(finished, tmp_path):
+    """Header length, header JSON (tensor index and the state: step, lr, EMA count), tensor data:
+    one flipped bit anywhere is caught, and the run continues from the previous checkpoint."""
+    newest = finished / "checkpoints" / "step-00000006.safetensors"
+    data = newest.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = data[8:8 + n]
+    def value_of(key: bytes) -> int:  # the first byte of a value in the state (a JSON string in the header)
+        return 8 + header.index(b'\\"' + key + b'\\": ') + len(key) + 5
+
+    places = [0, 3, value_of(b"step"), value_of(b"ema_updates"), value_of(b"lr"), 8 + n // 2, 8 + n + 5,
+              len(data) - 1]
+    spec = load_spec(finished / "spec.toml")
+    for i, at in enumerate(places):
+        run_dir = tmp_path / f"copy{i}"
+        shutil.copytree(finished, run_dir)
+        damaged = bytearray(data)
+        damaged[at] ^= 0x04
+        (run_dir / "checkpoints" / newest.name).write_bytes(bytes(damaged))
+        step, warnings = resumed_from(run_dir, spec)
+        assert step == 3, at
+        assert len(warnings) == 1 and warnings[0].startswith(f"warning: {run_dir / 'checkpoints' / newest.name}: ")
+        assert warnings[0].endswith("; skipped for the previous checkpoint")
+
+
+def test_inconsistent_foreign_and_special_files_are_skipped(finished, tiny_spec, tmp_path):
+    ckpt = finished / "checkpoints"
+    spec = load_spec(finished / "spec.toml")
+    # another run's checkpoint (another seed) under this run's newest name
+    other = tmp_path / "other"
+    other.mkdir()
+    train(compile_spec(load_spec(tiny_spec(), ["train.seed=8", "eval.plot=false", 'eval.metrics=["energy"]'])), other)
+    shutil.copy(other / "checkpoints" / "step-00000006.safetensors", ckpt / "step-00000006.safetensors")
+    limit = 1 << 30
+    with pytest.raises(UserError, match="belongs to another run"):
+        checkpoint.read(ckpt / "step-00000006.safetensors", limit, checkpoint.spec_id(spec))
+    # a checkpoint renamed to a later step
+    shutil.copy(ckpt / "step-00000003.safetensors", ckpt / "step-00000009.safetensors")
+    with pytest.raises(UserError, match="inconsistent: its step 3 is not the one in its name"):
+        checkpoint.read(ckpt / "step-00000009.safetensors", limit)
+    # a link to a device: refused without reading
+    os.symlink("/dev/zero", ckpt / "step-00000012.safetensors")
+    with pytest.raises(UserError, match="symbolic link"):
+        checkpoint.read(ckpt / "step-00000012.safetensors", limit)
+    with pytest.raises(UserError, match="more than it can hold"):
+        checkpoint.read(ckpt / "step-00000003.safetensors", 100)
+    (ckpt / "latest").write_text("step-00000012\n")
+    step, warnings = resumed_from(finished, spec)
+    assert step == 3 and len(warnings) == 3
+
+
+def test_resume_with_another_process_count_is_refused(finished, tmp_path):
+    path = finished / "checkpoints" / "step-00000006.safetensors"
+    ckpt = checkpoint.read(path, 1 << 30)
+    ckpt.state["world_size"] = 2
+    head, data, _ = checkpoint.encode(ckpt.tensors, ckpt.state)
+    path.write_bytes(head + bytes(data))
+    with pytest.raises(UserError) as info:
+        resumed_from(finished, load_spec(finished / "spec.toml"))
+    assert info.value.lines == [f"{finished}: trained with 2 processes, resumed with 1: the result would differ; "
+                                "resume with --nproc 2"]
+
+
+# -- teachers -------------------------------------------------------------------------------------
+
+def student_spec(folder: Path, teacher: str) -> Path:
+    from tests.conftest import TINY
+
+    path = folder / "student.toml"
+    text = TINY.format(characterization="progressive").replace(
+        "[train]", f'[teacher]\nkind = "run"\npath = "{teacher}"\n\n[train]')
+    path.write_text(text.replace("[eval]", "[eval]\nplot = false").replace(
+        'characterization = "progressive"', 'characterization = "progressive"\ntarget = "teacher"'))
+    return path
+
+
+def test_teacher_path_is_relative_to_the_spec_and_pinned(finished, tmp_path, main, monkeypatch):
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    spec = student_spec(specs, "../run")
+    monkeypatch.chdir(specs.parent.parent)  # the working directory plays no part
+    assert load_spec(spec).teacher.path == str(finished)
+    student = tmp_path / "student"
+    code, _, err = main("run", spec, "--out", student)
+    assert code == 0, err
+    pin = checkpoint.read(student / "checkpoints" / "step-00000006.safetensors", 1 << 30).state["teacher"]
+    assert pin["run"] == str(finished) and pin["checkpoint"] == "step-00000006.safetensors"
+    # the teacher trains further: the student may not continue against another teacher
+    code, _, err = main("run", "--resume", finished, "--set", "train.steps=9")
+    assert code == 0, err
+    code, _, err = main("run", "--resume", student, "--set", "train.steps=9")
+    assert code == 2 and err.strip().startswith("teacher.path: the teacher changed since step-00000006.safetensors")
+
+
+def test_a_run_cannot_teach_itself(finished, tmp_path, main):
+    (finished / "spec.toml").write_text((finished / "spec.toml").read_text().replace(
+        "[train]", f'[teacher]\nkind = "run"\npath = "{finished}"\n\n[train]'))
+    code, _, err = main("run", "--resume", finished)
+    assert code == 2 and err.strip().endswith(f"teacher.path: {finished}: is this run's own folder "
+                                              "(a run cannot teach itself)")
+
+
+# -- end files --------------------------------------------------------------------------------------
+
+def test_end_files_are_strict_json_and_atomic(finished, tmp_path):
+    from flowspec import atomic
+
+    assert atomic.dumps({"a": float("nan"), "b": [float("inf"), 1.5]}) == '{"a": null, "b": [null, 1.5]}'
+    for line in (finished / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    json.loads((finished / "eval.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert not [p for p in finished.rglob(".*") if p.name != runfolder.LOCK]  # no temporaries
+
+    def fail(p):
+        p.write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    target = tmp_path / "steps-1.npy"
+    target.write_bytes(b"old")
+    with pytest.raises(UserError, match="No space left on device"):
+        atomic.atomic_write(target, fail)
+    assert target.read_bytes() == b"old"
+    assert not list(tmp_path.glob(".steps-1.npy.*"))
+
+
+# -- Ctrl-C (real processes) ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("wait_for_training", [False, True])
+def test_a_double_ctrl_c_is_one_line_and_exit_130(tiny_spec, tmp_path, wait_for_training):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "flowspec", "run", tiny_spec(), "--out", run_dir,
+                             "--set", "train.steps=1000000", "--set", "network.width=256"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if wait_for_training:  # a second Ctrl-C in the middle of training
+        deadline = time.monotonic() + 120
+        while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+    else:  # while torch loads
+        time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert lines[-1] == "flowspec: interrupted" or lines[-1].startswith("SIGINT: stopped at step "), err
+    if wait_for_training:
+        assert len(lines) == 2, err  # the run's first line, then one line
+    else:
+        assert len(lines) <= 2, err
