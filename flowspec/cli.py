@@ -228,7 +228,9 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
         f"  optimizer         {s.train.optimizer}, lr {s.train.lr} ({s.train.schedule}), clip {s.train.grad_clip}, "
         f"EMA {s.train.ema}, {s.train.steps} steps of batch {s.train.batch_size}",
         f"  cost per step     ((1 - eta) c_D + eta) B with c_D = {obj.cost_formula()}, C = 1.5: "
-        f"~{obj.step_cost() * s.train.batch_size:,.0f} forward passes ({obj.step_cost():.2f} x flow matching)",
+        f"~{obj.step_cost() * s.train.batch_size:,.0f} forward passes ({obj.step_cost():.2f} x flow matching)"
+        + (f"\n                    {obj.teacher_cost()} per off-diagonal sample"
+           if getattr(obj, "teacher_cost", lambda: "")() else ""),
         f"  evaluation        K in {s.eval.steps}, {s.eval.num_samples} samples, metrics {', '.join(s.eval.metrics)}",
     ]
     if len(doc) > 1:

@@ -1,8 +1,9 @@
 """Distillation targets b-hat (MATH.md, "Losses"): anything with ``velocity(t, x)``.
 
-A teacher also offers a map velocity ``v(s, t, x)`` for the progressive objectives: by default one
-Euler step of its velocity, X_{s,t}(x) = x + (t - s) b_s(x), i.e. v_{s,t}(x) = b_s(x). Teachers are
-always evaluated under stop-gradient.
+A teacher also offers a map velocity ``v(s, t, x)`` = (X_{s,t}(x) - x) / (t - s): the model's own map
+for self-distillation, and for a frozen teacher its ODE xdot = b_t(x) integrated over [s, t]
+(flowspec.ode.map_velocity; the progressive objectives integrate with their own teacher_* options).
+Teachers are always evaluated under stop-gradient.
 """
 
 from __future__ import annotations
@@ -42,6 +43,27 @@ class SelfTeacher:
         return self.flow_map.v(s, t, x)
 
 
+class VelocityTeacher:
+    """A frozen velocity as teacher (an analytic b_t, or any callable): ``velocity`` is it, under
+    no_grad, and its map velocity v_{s,t} is its ODE integrated over [s, t] (flowspec.ode.map_velocity).
+
+    Args:
+        velocity: b(t, x), t (B,), x (B, ...) -> shaped like x.
+    """
+
+    def __init__(self, velocity):
+        self._velocity = velocity
+
+    @torch.no_grad()
+    def velocity(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._velocity(t, x)
+
+    def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        from flowspec.ode import map_velocity
+
+        return map_velocity(self.velocity, s, t, x)[0]
+
+
 class TeacherOptions(BaseModel):
     """``[teacher]``: the frozen velocity of target = "teacher" (and of ``[eval] ode`` rows with
     velocity = "teacher")."""
@@ -63,8 +85,9 @@ class TeacherOptions(BaseModel):
 
 
 class FlowMapTeacher:
-    """A frozen flowspec flow map as teacher: velocity = its diagonal v_{t,t}; its map is one Euler
-    step of that velocity, v_{s,t}(x) = v_{s,s}(x) (MATH.md: the PD teacher map, initially)."""
+    """A frozen flowspec flow map as teacher: velocity = its diagonal v_{t,t}; its map is the ODE of
+    that velocity integrated over [s, t] (flowspec.ode.map_velocity), not the network's own
+    off-diagonal (a flow-matching run trains only the diagonal)."""
 
     def __init__(self, flow_map: nn.Module, source: str = ""):
         self.flow_map = flow_map.requires_grad_(False).eval()
@@ -75,7 +98,9 @@ class FlowMapTeacher:
         return self.flow_map.velocity(t, x)
 
     def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.velocity(s, x)
+        from flowspec.ode import map_velocity
+
+        return map_velocity(self.velocity, s, t, x)[0]
 
 
 def load_run_teacher(path: str, device: torch.device, shape: tuple[int, ...]) -> FlowMapTeacher:

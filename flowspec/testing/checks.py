@@ -74,9 +74,11 @@ def _antithetic(oracle: GaussianOracle, times: torch.Tensor, x0: torch.Tensor, x
 
 
 def _teacher(target: str, flow_map: FlowMap, oracle: GaussianOracle):
-    from flowspec.teachers import SelfTeacher
+    """The model itself, or for target = "teacher" the oracle's analytic velocity b_t alone (its map
+    is then the teacher's ODE, integrated: the exact map is never handed to the objective)."""
+    from flowspec.teachers import SelfTeacher, VelocityTeacher
 
-    return oracle if target == "teacher" else SelfTeacher(flow_map)
+    return VelocityTeacher(oracle.velocity) if target == "teacher" else SelfTeacher(flow_map)
 
 
 def _loss_and_grad(objective: Objective, fm: PerturbedFlowMap, oracle: GaussianOracle, teacher, batch: Batch,
