@@ -1,10 +1,11 @@
-"""Property checks for objectives, interpolants and flow maps (issue 4; MATH.md, "Exact oracles").
+"""Property checks for objectives, interpolants, flow maps, datasets and metrics.
 
 Each check raises :class:`CheckFailed` (an AssertionError, so pytest shows it as a test failure)
 listing every property that does not hold, or returns the list of what it checked.
 
-* :func:`check_objective`: an objective is minimized by the exact Gaussian flow map, for every
-  distillation target it declares, in float32 and float64, at the time edges too.
+* :func:`check_objective` (flowspec.testing.objective_checks): an objective trains toward the exact
+  flow map of Gaussian targets that mix coordinates, for every distillation target it declares;
+  :func:`check_penalty`: its per-sample loss vanishes only at r = 0.
 * :func:`check_interpolant`: boundary conditions and derivatives against finite differences.
 * :func:`check_flow_map`: identity on the diagonal, the tangent condition, jvp against central
   differences.
@@ -23,211 +24,10 @@ from torch import nn
 from flowspec.flowmap import FlowMap
 from flowspec.interpolants import Interpolant, Linear, Trig
 from flowspec.jvp import jvp
-from flowspec.objectives.base import Batch, Objective
-from flowspec.testing.oracles import GaussianOracle, PerturbedFlowMap
 
-F32, F64 = torch.float32, torch.float64
-
-#: |quantity| at the exact map must be below this (RMS residual and gradient norm), per dtype
-ZERO_TOL = {F64: 1e-8, F32: 1e-4}
-#: ... and at the perturbed map above this (RMS residual and gradient norm); the perturbation is
-#: 0.1 along each direction, which moves residuals by about 1e-2
-POSITIVE_TOL = 1e-3
-PERTURBATION = 0.1
-
-
-class CheckFailed(AssertionError):
-    """A property check failed; the message lists every failing property, one per line."""
-
-
-def default_oracles(dim: int = 2) -> list[GaussianOracle]:
-    """The oracles used when none are given: linear and trig schedules, two Gaussian targets."""
-    mu = torch.tensor([0.8, -0.5, 0.3][:dim], dtype=F64)
-    return [GaussianOracle(i, mu, sigma=s, c=c) for i in (Linear(), Trig()) for s, c in ((1.3, 1.0), (0.6, 0.7))]
-
-
-def edge_times(dtype=F64) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pairs at the edges of 0 <= s <= t <= 1: the diagonal, s = 0, t = 1, (0, 1), t - s = 1e-3."""
-    pairs = [(0.0, 0.0), (1.0, 1.0), (0.5, 0.5), (0.0, 1.0), (0.0, 0.5), (0.5, 1.0), (0.3, 0.301), (0.999, 1.0)]
-    return (torch.tensor([p[0] for p in pairs], dtype=dtype), torch.tensor([p[1] for p in pairs], dtype=dtype))
-
-
-def _objective_for(objective: Objective | type[Objective], target: str) -> Objective:
-    if isinstance(objective, type):
-        return objective(objective.Options(target=target))
-    options = objective.options.model_copy(update={"target": target})
-    return type(objective)(options)
-
-
-def _times(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Edge pairs then n - 8 pairs uniform on the triangle s <= t, float64."""
-    es, et = edge_times()
-    pair = torch.rand(max(n - len(es), 0), 2, generator=generator, dtype=F64)
-    return torch.cat([es, pair.min(1).values]), torch.cat([et, pair.max(1).values])
-
-
-def _antithetic(oracle: GaussianOracle, times: torch.Tensor, x0: torch.Tensor, x1: torch.Tensor):
-    """Append to (x0, x1) their reflections about E[(x0, x1) | I_t]: same I_t, opposite noise."""
-    xt, _ = oracle.interpolant.interpolate(times, x0, x1)
-    m0, m1 = oracle.conditional_mean(times, xt)
-    return torch.cat([x0, 2 * m0 - x0]), torch.cat([x1, 2 * m1 - x1])
-
-
-def _teacher(target: str, flow_map: FlowMap, oracle: GaussianOracle):
-    """The model itself, or for target = "teacher" the oracle's analytic velocity b_t alone (its map
-    is then the teacher's ODE, integrated: the exact map is never handed to the objective)."""
-    from flowspec.teachers import SelfTeacher, VelocityTeacher
-
-    return VelocityTeacher(oracle.velocity) if target == "teacher" else SelfTeacher(flow_map)
-
-
-def _loss_and_grad(objective: Objective, fm: PerturbedFlowMap, oracle: GaussianOracle, teacher, batch: Batch,
-                   s, t, n_diag: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    objective.generator = batch.generator
-    out = objective.loss_at(fm, oracle.interpolant, teacher, batch, s, t, n_diag)
-    loss = out.loss
-    if not loss.requires_grad:
-        return loss.detach(), None
-    (g,) = torch.autograd.grad(loss, [fm.weights], allow_unused=True)
-    return loss.detach(), g
-
-
-def check_objective(objective: Objective | type[Objective], *, oracles: Sequence[GaussianOracle] | None = None,
-                    targets: Iterable[str] | None = None, dtypes: Iterable[torch.dtype] = (F32, F64),
-                    n: int = 256, seed: int = 0) -> list[str]:
-    """Check that ``objective`` is minimized by the exact flow map, for each target it supports.
-
-    For each target in ``objective.targets`` (or ``targets``), oracle and dtype, the exact Gaussian
-    flow map is a :class:`~flowspec.testing.oracles.PerturbedFlowMap` with weights w = 0, and the
-    batch is ``n`` samples x0 ~ N(0, c^2), x1 ~ N(mu, sigma^2) at times that include the edges
-    s = t, s = 0, t = 1 (see :func:`edge_times`); the teacher is the model itself for "self" and the
-    oracle (exact b_t and exact map) for "teacher". On the off-diagonal loss
-    ``objective.loss_at(..., n_diag=0)`` (skipped when ``diagonal_fraction = 1``) it checks:
-
-    * finite: loss and gradient are finite, at the exact and at the perturbed map;
-    * zero at the exact map:
-        - targets "self" and "teacher": RMS residual sqrt(loss) and |dL/dw| below ZERO_TOL (the
-          residual vanishes per sample);
-        - target "conditional": the residual vanishes only in conditional expectation
-          E[r | I_s] = 0, so only the expected gradient must vanish. Each sample (x0, x1) comes with
-          its antithetic twin (2 E[x0 | I_s] - x0, 2 E[x1 | I_s] - x1): same s, t and I_s, opposite
-          conditional noise in dI_s/ds. For a sound objective whose gradient is odd in that noise
-          (e.g. r linear in dI_s/ds and the gradient through a dI-free part, as with MeanFlow's stop
-          gradient) the pair's gradients cancel exactly, so |dL/dw| must be below ZERO_TOL; a loss
-          whose minimizer is biased by the noise (gradient even in it) is caught.
-    * positive at a perturbed map (w = 0.1 along the off-diagonal directions, which keep
-      v_{t,t} = b_t): RMS residual and |dL/dw| above POSITIVE_TOL.
-
-    The diagonal (flow matching) term is checked too, with a diagonal perturbation, as for the
-    conditional target (it is a regression on dI_t/dt). The directions of w are listed in
-    :class:`~flowspec.testing.oracles.PerturbedFlowMap`; objectives that draw random numbers must
-    draw them from ``objective.generator`` (seeded here) for the checks to be reproducible. The
-    antithetic cancellation assumes the two members of a pair see the same randomness: a
-    conditional-target objective that draws its own per-sample noise needs a larger batch and a
-    statistical tolerance instead (not provided).
-
-    Args:
-        objective: an Objective subclass (built with default options per target) or an instance
-            (its options are kept, only ``target`` changes).
-        oracles: Gaussian oracles to check against (default :func:`default_oracles`).
-        targets: the targets to check (default: every target the objective declares).
-        dtypes: float32 and float64 by default.
-        n: samples per batch (>= 8; the first 8 are the edge pairs).
-        seed: seeds the data, the times and the objective's generator.
-    Returns:
-        one line per case checked.
-    Raises:
-        CheckFailed: listing every failing property.
-    """
-    if n < len(edge_times()[0]):
-        raise ValueError(f"check_objective needs n >= {len(edge_times()[0])} (the edge pairs), got {n}")
-    dtypes = tuple(dtypes)
-    cls = objective if isinstance(objective, type) else type(objective)
-    targets = tuple(targets) if targets is not None else tuple(cls.targets)
-    unsupported = [t for t in targets if t not in cls.targets]
-    if unsupported:
-        raise ValueError(f"{cls.__name__} does not declare targets {unsupported} (it declares {cls.targets})")
-    oracles = list(oracles) if oracles is not None else default_oracles()
-    failures, checked = [], []
-    for target in targets:
-        obj = _objective_for(objective, target)
-        for k, oracle in enumerate(oracles):
-            for dtype in dtypes:
-                case = (f"{cls.__name__}(target={target!r}) {_describe_oracle(oracle)} "
-                        f"{str(dtype).replace('torch.', '')}")
-                failures += [f"{case}: {m}" for m in _check_objective_case(obj, target, oracle, dtype, n, seed + k)]
-                checked.append(case)
-    if failures:
-        raise CheckFailed("\n".join(failures))
-    return checked
-
-
-def _describe_oracle(oracle: GaussianOracle) -> str:
-    mu = [round(v, 3) for v in oracle.mu.reshape(-1).tolist()]
-    return (f"{type(oracle.interpolant).__name__} N({mu[0] if len(mu) == 1 else mu}, {oracle.sigma:.3g}^2), "
-            f"c={oracle.c:.3g}")
-
-
-def _check_objective_case(obj: Objective, target: str, oracle: GaussianOracle, dtype: torch.dtype,
-                          n: int, seed: int) -> list[str]:
-    g = torch.Generator().manual_seed(seed)
-    zero = ZERO_TOL[dtype]
-    msgs: list[str] = []
-    fm = PerturbedFlowMap(oracle)
-    teacher = _teacher(target, fm, oracle)
-    x0, x1 = oracle.sample_base(n, g), oracle.sample_data(n, g)
-    s, t = _times(n, g)
-
-    def run(times_s, times_t, a, b, n_diag, weights, what):
-        with torch.no_grad():
-            fm.weights.copy_(torch.as_tensor(weights, dtype=F64))
-        batch = Batch(a.to(dtype), b.to(dtype), torch.Generator().manual_seed(seed + 1))
-        loss, grad = _loss_and_grad(obj, fm, oracle, teacher, batch, times_s.to(dtype), times_t.to(dtype), n_diag)
-        gnorm = grad.norm().item() if grad is not None else 0.0
-        if not math.isfinite(loss.item()) or (grad is not None and not torch.isfinite(grad).all()):
-            msgs.append(f"{what}: loss or gradient not finite (loss {loss.item()}, grad {grad})")
-        return math.sqrt(max(loss.item(), 0.0)), gnorm, grad
-
-    off = [0.0] * 5
-    for i in PerturbedFlowMap.OFF_DIAGONAL:
-        off[i] = PERTURBATION
-    diag = [0.0] * 5
-    for i in PerturbedFlowMap.DIAGONAL:
-        diag[i] = PERTURBATION
-
-    if obj.options.diagonal_fraction < 1:
-        if target == "conditional":
-            a, b = _antithetic(oracle, s, x0, x1)
-            ss, tt = torch.cat([s, s]), torch.cat([t, t])
-        else:
-            a, b, ss, tt = x0, x1, s, t
-        rms, gnorm, grad = run(ss, tt, a, b, 0, [0.0] * 5, "off-diagonal loss at the exact flow map")
-        if target != "conditional" and rms > zero:
-            msgs.append(f"off-diagonal loss is not zero at the exact flow map: RMS residual {rms:.3g} > {zero:g}")
-        if gnorm > zero:
-            kind = "expected gradient (antithetic pairs)" if target == "conditional" else "gradient"
-            msgs.append(f"{kind} is not zero at the exact flow map: |dL/dw| = {gnorm:.3g} > {zero:g} "
-                        f"(dL/dw = [{', '.join(f'{v:.3g}' for v in grad.tolist())}]): the exact flow map is not a minimizer")
-        rms, gnorm, _ = run(ss, tt, a, b, 0, off, "off-diagonal loss at a perturbed map")
-        if rms < POSITIVE_TOL:
-            msgs.append(f"off-diagonal loss is not positive at a perturbed map: RMS residual {rms:.3g} "
-                        f"< {POSITIVE_TOL:g}")
-        if gnorm < POSITIVE_TOL:
-            msgs.append(f"gradient vanishes at a perturbed map: |dL/dw| = {gnorm:.3g} < {POSITIVE_TOL:g} "
-                        "(no gradient reaches the flow map?)")
-
-    # the diagonal term: flow matching at s = t, with antithetic pairs
-    a, b = _antithetic(oracle, t, x0, x1)
-    tt = torch.cat([t, t])
-    _, gnorm, grad = run(tt, tt, a, b, len(tt), [0.0] * 5, "diagonal loss at the exact flow map")
-    if gnorm > zero:
-        msgs.append(f"diagonal (flow-matching) expected gradient is not zero at the exact velocity: "
-                    f"|dL/dw| = {gnorm:.3g} > {zero:g}")
-    _, gnorm, _ = run(tt, tt, a, b, len(tt), diag, "diagonal loss at a perturbed velocity")
-    if gnorm < POSITIVE_TOL:
-        msgs.append(f"diagonal gradient vanishes at a perturbed velocity: |dL/dw| = {gnorm:.3g}")
-    return msgs
-
+from flowspec.testing.common import (F32, F64, ZERO_TOL, CheckFailed, default_oracles, edge_times,
+                                     zero_tolerance)
+from flowspec.testing.objective_checks import check_objective, check_penalty
 
 # -- interpolants ------------------------------------------------------------------------------------
 
@@ -504,5 +304,5 @@ def check_metric(metric, dataset, *, n: int = 1000, seed: int = 0) -> list[str]:
     return [f"{name} on {type(dataset).__name__}: finite, reproducible, prefers the data"]
 
 
-__all__ = ["CheckFailed", "check_dataset", "check_metric", "POSITIVE_TOL", "ZERO_TOL", "check_flow_map", "check_interpolant", "check_objective",
-           "default_oracles", "edge_times"]
+__all__ = ["CheckFailed", "ZERO_TOL", "check_dataset", "check_flow_map", "check_interpolant", "check_metric",
+           "check_objective", "check_penalty", "default_oracles", "edge_times", "zero_tolerance"]
