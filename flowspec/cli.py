@@ -253,19 +253,12 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
     """Draw samples from a run's EMA flow map (or, with --solver, from the ODE of its diagonal)."""
     import numpy as np
 
-    from flowspec import checkpoint
-    from flowspec.compile import compile_spec
     from flowspec.evaluate import base_samples
     from flowspec.evaluate import sample as draw
-    from flowspec.spec import load_spec
+    from flowspec.runs import load_run
 
-    spec_path = run_dir / "spec.toml"
-    if not spec_path.exists():
-        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
-    s = load_spec(spec_path, [f"train.device={device}", "eval.metrics=[]"])
-    g = compile_spec(s)
-    path = checkpoint.latest(run_dir, warn)
-    checkpoint.load_module(g.ema.model, checkpoint.load_tensors(path), "ema", path)
+    run = load_run(run_dir, device, warn=warn)
+    g, path = run.graph, run.checkpoint
     if solver is None:
         x = draw(g.sampler(), base_samples(g, n, seed), steps)
         how = f"{steps} step{'s' if steps > 1 else ''}"

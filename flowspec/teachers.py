@@ -104,30 +104,18 @@ class FlowMapTeacher:
 
 
 def load_run_teacher(path: str, device: torch.device, shape: tuple[int, ...]) -> FlowMapTeacher:
-    """The EMA flow map of a run folder, frozen (its resolved spec compiled, the latest checkpoint
-    loaded through :mod:`flowspec.checkpoint`: safetensors, checksum verified).
+    """The EMA flow map of a run folder, frozen (:func:`flowspec.runs.load_run`: its resolved spec
+    compiled, the latest checkpoint loaded: safetensors, checksum verified).
 
     Raises:
         UserError: not a run folder, no checkpoint, or a data shape other than ``shape``.
     """
-    from pathlib import Path
-
-    from flowspec import checkpoint
-    from flowspec.compile import compile_spec
     from flowspec.errors import UserError
-    from flowspec.spec import load_spec
+    from flowspec.runs import load_run
 
-    run = Path(path)
-    if not (run / "spec.toml").exists():
-        raise UserError(f"teacher.path: {path}: not a run folder (no spec.toml)")
-    spec = load_spec(run / "spec.toml", [f"train.device={device.type}", "eval.metrics=[]",
-                                         "eval.flow_map_error=false", "eval.ode=[]"])
-    rng = torch.random.get_rng_state()
-    graph = compile_spec(spec)
-    torch.random.set_rng_state(rng)
+    run = load_run(path, device.type, label="teacher.path: ")
+    graph = run.graph
     if tuple(graph.dataset.shape) != tuple(shape):
         raise UserError(f"teacher.path: {path}: the teacher's data shape {tuple(graph.dataset.shape)} "
                         f"differs from this spec's {tuple(shape)}")
-    ckpt = checkpoint.latest(run)
-    checkpoint.load_module(graph.ema.model, checkpoint.load_tensors(ckpt), "ema", ckpt)
-    return FlowMapTeacher(graph.ema.model.to(device), f"{path} ({ckpt.name})")
+    return FlowMapTeacher(graph.ema.model.to(device), f"{path} ({run.checkpoint.name})")

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from flowspec.interpolants import Linear
 from flowspec.ode import true_flow_map
 from flowspec.registry import Registry
-from flowspec.testing import AffineFlowMap, check_objective, correlated_gaussian
+from flowspec.flowmap import FlowMap as FlowMapOf
+from flowspec.testing import AffineFlowMap, check_flow_map, check_objective, correlated_gaussian
 from flowspec.testing import strategies as fst
 
 F64 = torch.float64
@@ -110,3 +111,57 @@ def test_hypothesis_profile_reports_a_failure_in_seconds(tmp_path):
     elapsed = time.perf_counter() - start
     assert "1 failed, 1 passed" in proc.stdout, proc.stdout + proc.stderr
     assert "Falsifying example" in proc.stdout and elapsed < 60
+
+
+# -- check_flow_map: the conditions that define a flow map -------------------------------------------
+
+class EulerStep(torch.nn.Module):
+    """net(x, s, t) = b_s(x): X_{s,t} = x + (t - s) b_s(x), one Euler step. Its diagonal is exact and
+    d/dt X_{s,t} -> b_t as s -> t, yet it is not a flow map."""
+
+    def __init__(self, oracle):
+        super().__init__()
+        self.oracle = oracle
+
+    def forward(self, x, s, t):
+        return self.oracle.velocity(s, x)
+
+
+def test_check_flow_map_accepts_exact_maps_with_their_velocity():
+    from flowspec.testing import ExactFlowMap, GaussianOracle
+
+    for oracle in (correlated_gaussian(Linear(), 3, 1), GaussianOracle(Linear(), torch.tensor([0.8, -0.5]), 1.3, 0.7)):
+        (line,) = check_flow_map(ExactFlowMap(oracle), (oracle.dim,), velocity=oracle.velocity)
+        assert line.endswith("v_{t,t} = b_t, Lagrangian, Eulerian, semigroup")
+
+
+def test_check_flow_map_rejects_maps_that_only_have_the_right_diagonal():
+    from flowspec.testing import CheckFailed, ExactFlowMap
+
+    oracle = correlated_gaussian(Linear(), 3, 1)
+    for fm in (ExactFlowMap(oracle, eps=0.1), EulerStep(oracle)):
+        try:
+            check_flow_map(fm, (3,), velocity=oracle.velocity)
+        except CheckFailed as exc:
+            msg = str(exc)
+        else:
+            raise AssertionError(f"{fm} passed")
+        assert "differs from the given velocity" not in msg  # the diagonal is exact
+        for condition in ("Lagrangian condition dX_{s,t}/dt = b_t(X_{s,t}) fails",
+                          "Eulerian condition dX_{s,t}/ds + grad_x X_{s,t} b_s = 0 fails",
+                          "semigroup X_{u,t}(X_{s,u}) = X_{s,t}, u = (s + t) / 2 fails"):
+            assert condition in msg, msg
+
+
+def test_flow_map_residuals_are_zero_for_the_exact_map_and_equal_the_hand_values():
+    from flowspec.testing import ExactFlowMap
+    from flowspec.testing.flow_map_checks import flow_map_residuals
+
+    oracle = correlated_gaussian(Linear(), 3, 1)
+    s, t, x = _points(oracle, n=32)
+    exact = flow_map_residuals(ExactFlowMap(oracle), oracle.velocity, s, t, x)
+    assert all(exact[k].max() < 1e-12 for k in ("lagrangian", "eulerian", "semigroup"))
+    euler = flow_map_residuals(FlowMapOf(EulerStep(oracle)), oracle.velocity, s, t, x)
+    # one Euler step: dX/dt = b_s(x), so the Lagrangian residual is |b_s(x) - b_t(x + (t - s) b_s(x))|
+    want = (oracle.velocity(s, x) - oracle.velocity(t, x + (t - s)[:, None] * oracle.velocity(s, x))).norm(dim=1)
+    torch.testing.assert_close(euler["lagrangian"], want, atol=1e-12, rtol=0)

@@ -72,7 +72,8 @@ def test_strategy_schedules_are_valid_interpolants(interpolant):
 def test_builtin_network_passes_check_flow_map(embedding):
     torch.manual_seed(0)
     net = MLP(MLPOptions(width=32, depth=2, time_embedding=embedding), (2,))
-    assert check_flow_map(net, (2,)) == ["FlowMap(MLP): shapes, identity, tangent condition, jvp, gradients through the jvp"]
+    assert check_flow_map(net, (2,)) == ["FlowMap(MLP): shapes, identity, tangent condition at s = t, jvp, "
+                                         "gradients through the jvp"]
 
 
 def test_mlp_on_image_shapes_passes_check_flow_map():

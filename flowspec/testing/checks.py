@@ -14,19 +14,14 @@ listing every property that does not hold, or returns the list of what it checke
 
 from __future__ import annotations
 
-import copy
 import math
-from typing import Callable, Iterable, Sequence
 
 import torch
-from torch import nn
 
-from flowspec.flowmap import FlowMap
-from flowspec.interpolants import Interpolant, Linear, Trig
-from flowspec.jvp import jvp
-
+from flowspec.interpolants import Interpolant
 from flowspec.testing.common import (F32, F64, ZERO_TOL, CheckFailed, default_oracles, edge_times,
                                      zero_tolerance)
+from flowspec.testing.flow_map_checks import check_flow_map, flow_map_residuals
 from flowspec.testing.objective_checks import check_objective, check_penalty
 
 # -- interpolants ------------------------------------------------------------------------------------
@@ -99,114 +94,6 @@ def check_interpolant(interpolant: Interpolant, *, n: int = 201, atol: float = 1
     if msgs:
         raise CheckFailed("\n".join(f"{name}: {m}" for m in msgs))
     return [f"{name}: boundary, shapes, dtypes, derivatives, interpolate"]
-
-
-# -- flow maps ---------------------------------------------------------------------------------------
-
-def check_flow_map(flow_map: nn.Module, shape: Sequence[int] = (2,), *,
-                   velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                   n: int = 16, seed: int = 0, atol: float = 1e-5) -> list[str]:
-    """Check a flow map (or a network ``net(x, s, t)``, wrapped in a FlowMap) against MATH.md's
-    "Flow map and its parameterization", on a float64 copy unless said otherwise:
-
-    * shapes: X_{s,t}(x) and v_{s,t}(x) are shaped like x, (n, *shape), in float32 and float64;
-      finite at the time edges (s = t, s = 0, t = 1);
-    * identity on the diagonal: X_{t,t}(x) = x exactly;
-    * tangent condition: d/dt X_{s,t}(x) at t = s equals v_{s,s}(x) (forward-mode jvp), and
-      lim_{s->t} d/dt X_{s,t}(x) = v_{t,t}(x): the gap, relative to 1 + |v|, shrinks over
-      t - s = 1e-2, 1e-4, 1e-6 and is below 1e-3 at 1e-6;
-    * jvp against central differences: the exact jvp of X in s, in t and in x along a random
-      direction agrees with central differences (h = 1e-7) to ``atol`` relative to 1 + |jvp|;
-    * gradients through the jvp: the parameters' gradient of |dX/dt|^2 (what the Lagrangian and
-      Eulerian losses backpropagate) exists and agrees with that through central differences to
-      1000 ``atol`` relative to 1 + its largest entry;
-    * if ``velocity`` (an exact b_t(x)) is given: v_{t,t}(x) = b_t(x) to ``atol``.
-
-    Raises:
-        CheckFailed: listing every failing property.
-    """
-    fm = flow_map if isinstance(flow_map, FlowMap) else FlowMap(flow_map)
-    name = type(fm).__name__ if isinstance(flow_map, FlowMap) else f"FlowMap({type(flow_map).__name__})"
-    msgs: list[str] = []
-    g = torch.Generator().manual_seed(seed)
-    fm32 = copy.deepcopy(fm).float()
-    fm64 = copy.deepcopy(fm).double()
-    es, et = edge_times()
-    m = max(n, len(es))
-    pair = torch.rand(m - len(es), 2, generator=g, dtype=F64)
-    s = torch.cat([es, pair.min(1).values])
-    t = torch.cat([et, pair.max(1).values])
-    x = torch.randn(m, *shape, generator=g, dtype=F64)
-    with torch.no_grad():
-        for model, dtype in ((fm32, F32), (fm64, F64)):
-            X = model(s.to(dtype), t.to(dtype), x.to(dtype))
-            v = model.v(s.to(dtype), t.to(dtype), x.to(dtype))
-            for what, out in (("X", X), ("v", v)):
-                if out.shape != x.shape or out.dtype != dtype:
-                    msgs.append(f"{what} has shape {tuple(out.shape)}, dtype {out.dtype} for x of shape "
-                                f"{tuple(x.shape)}, dtype {dtype}")
-                elif not torch.isfinite(out).all():
-                    msgs.append(f"{what} is not finite at the time edges ({dtype})")
-        diag = fm64(t, t, x)
-        if not torch.equal(diag, x):
-            msgs.append(f"X_{{t,t}}(x) != x: max error {(diag - x).abs().max().item():.3g}")
-    try:
-        _, dX_dt = jvp(lambda tt: fm64(t, tt, x), (t,), (torch.ones_like(t),))
-    except (RuntimeError, NotImplementedError) as exc:
-        raise CheckFailed(f"{name}: forward-mode jvp fails ({type(exc).__name__}: {exc}); a network without "
-                          "forward-AD rules needs [objective] jvp = \"finite_difference\"") from None
-    with torch.no_grad():
-        v_tt = fm64.velocity(t, x)
-    err = (dX_dt - v_tt).abs().max().item()
-    if err > atol:
-        msgs.append(f"tangent condition: d/dt X_{{s,t}} at t = s differs from v_{{t,t}} by {err:.3g}")
-    gaps, errs = (1e-2, 1e-4, 1e-6), []
-    for gap in gaps:
-        s_near = (t - gap).clamp_min(0)
-        _, d = jvp(lambda tt: fm64(s_near, tt, x), (t,), (torch.ones_like(t),))
-        errs.append(((d - v_tt).abs() / (1 + v_tt.abs())).max().item())
-    if errs[-1] > 1e-3 or errs[2] > errs[1] + 1e-12 or errs[1] > errs[0] + 1e-12:
-        msgs.append("tangent condition: |dX_{s,t}/dt - v_{t,t}| / (1 + |v|) at t - s = "
-                    + ", ".join(f"{g:g}: {e:.3g}" for g, e in zip(gaps, errs)) + "; it must shrink to 0")
-    u = torch.randn(x.shape, generator=g, dtype=F64)
-    ones = torch.ones_like(t)
-    interior = (s > 1e-3) & (t < 1 - 1e-3)  # central differences need room on both sides
-    si, ti, xi, ui = s[interior], t[interior], x[interior], u[interior]
-    onei = ones[interior]
-    probes = {"s": (lambda ss: fm64(ss, ti, xi), (si,), (onei,)),
-              "t": (lambda tt: fm64(si, tt, xi), (ti,), (onei,)),
-              "x": (lambda xx: fm64(si, ti, xx), (xi,), (ui,))}
-    with torch.no_grad():
-        for what, (f, p, tan) in probes.items():
-            _, exact = jvp(f, p, tan)
-            _, fd = jvp(f, p, tan, strategy="finite_difference", step=1e-7)
-            e = ((exact - fd).abs() / (1 + exact.abs())).max().item()
-            if e > atol:
-                msgs.append(f"jvp in {what} disagrees with central differences by {e:.3g} (> {atol:g})")
-    params = [q for q in fm64.parameters() if q.requires_grad]
-    if params:  # the Lagrangian and Eulerian losses backpropagate through the tangent
-        f = probes["t"][0]
-        try:
-            grads = torch.autograd.grad(jvp(f, (ti,), (onei,))[1].pow(2).sum(), params, allow_unused=True)
-        except RuntimeError as exc:
-            msgs.append(f"backward through the jvp fails ({str(exc).splitlines()[0][:120]}); inside a jvp use "
-                        "flowspec.jvp.attention, not torch.softmax or F.scaled_dot_product_attention")
-        else:
-            fd = torch.autograd.grad(jvp(f, (ti,), (onei,), strategy="finite_difference", step=1e-7)[1]
-                                     .pow(2).sum(), params, allow_unused=True)
-            pairs = [(a, b) for a, b in zip(grads, fd) if a is not None and b is not None]
-            e = max(((a - b).abs().max() / (1 + a.abs().max())).item() for a, b in pairs) if pairs else 0.0
-            if e > 1e3 * atol:
-                msgs.append(f"gradient through the jvp disagrees with central differences by {e:.3g}")
-    if velocity is not None:
-        with torch.no_grad():
-            b = velocity(t, x)
-        e = (v_tt - b).abs().max().item()
-        if e > atol:
-            msgs.append(f"v_{{t,t}}(x) differs from the given velocity b_t(x) by {e:.3g}")
-    if msgs:
-        raise CheckFailed("\n".join(f"{name}: {m}" for m in msgs))
-    return [f"{name}: shapes, identity, tangent condition, jvp, gradients through the jvp"]
 
 
 # -- datasets and metrics ----------------------------------------------------------------------------
@@ -305,4 +192,5 @@ def check_metric(metric, dataset, *, n: int = 1000, seed: int = 0) -> list[str]:
 
 
 __all__ = ["CheckFailed", "ZERO_TOL", "check_dataset", "check_flow_map", "check_interpolant", "check_metric",
-           "check_objective", "check_penalty", "default_oracles", "edge_times", "zero_tolerance"]
+           "check_objective", "check_penalty", "default_oracles", "edge_times", "flow_map_residuals",
+           "zero_tolerance"]

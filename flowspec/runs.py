@@ -1,0 +1,71 @@
+"""Reading a finished (or running) run folder: its resolved spec compiled, its EMA flow map loaded.
+
+The one loader behind ``flowspec sample``, ``flowspec check`` and ``[teacher] kind = "run"``: the run
+folder is only read (spec.toml and a checkpoint's tensor file, checksum verified; nothing pickled).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+#: overrides applied to a run's own spec when it is loaded for reading: no evaluation work at compile
+READ_OVERRIDES = ("eval.metrics=[]", "eval.flow_map_error=false", "eval.ode=[]")
+
+
+@dataclass
+class LoadedRun:
+    """A compiled run with its EMA weights: ``graph.ema.model`` is the flow map; ``checkpoint`` the
+    tensor file the weights came from."""
+
+    graph: object
+    checkpoint: Path
+
+
+def checkpoint_path(run_dir: Path, step: int | None, warn: Callable[[str], None] | None = None) -> Path:
+    """The verified tensor file of checkpoint ``step`` (the newest good one when None)."""
+    from flowspec import checkpoint
+    from flowspec.errors import UserError
+
+    if step is None:
+        return checkpoint.latest(run_dir, warn)
+    path = Path(run_dir) / "checkpoints" / f"step-{step:08d}.safetensors"
+    if not path.exists():
+        have = ", ".join(str(int(s[5:])) for s in checkpoint.stems(Path(run_dir) / "checkpoints")) or "none"
+        raise UserError(f"{run_dir}: no checkpoint at step {step} (have: {have})", exit_code=1)
+    checkpoint.verify(path)
+    return path
+
+
+def load_run(run_dir: Path | str, device: str = "auto", *, step: int | None = None, label: str = "",
+             warn: Callable[[str], None] | None = None) -> LoadedRun:
+    """Compile ``run_dir/spec.toml`` on ``device`` and load the EMA weights of a checkpoint into
+    ``graph.ema.model``, leaving the global RNG state as it was (compiling seeds it).
+
+    Args:
+        run_dir: the run folder.
+        device: train.device for the compiled graph (auto | cpu | cuda).
+        step: the checkpoint's step (default: the newest good one).
+        label: prefix of error messages (e.g. "teacher.path: ").
+        warn: where warnings about skipped checkpoints go.
+    Raises:
+        UserError: not a run folder, no (such) checkpoint, weights that do not match the network.
+    """
+    from flowspec import checkpoint
+    from flowspec.compile import compile_spec
+    from flowspec.errors import UserError
+    from flowspec.spec import load_spec
+
+    run = Path(run_dir)
+    if not (run / "spec.toml").exists():
+        raise UserError(f"{label}{run_dir}: not a run folder (no spec.toml)")
+    spec = load_spec(run / "spec.toml", [f"train.device={device}", *READ_OVERRIDES])
+    rng = torch.random.get_rng_state()
+    graph = compile_spec(spec)
+    torch.random.set_rng_state(rng)
+    path = checkpoint_path(run, step, warn)
+    checkpoint.load_module(graph.ema.model, checkpoint.load_tensors(path), "ema", path)
+    return LoadedRun(graph, path)
