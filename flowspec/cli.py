@@ -1,4 +1,4 @@
-"""The ``flowspec`` command line: run, validate, explain, sample, plugins, schema."""
+"""The ``flowspec`` command line: run, validate, explain, sample, check, plugins, schema."""
 
 from __future__ import annotations
 
@@ -306,6 +306,9 @@ def schema(markdown: bool = typer.Option(False, "--markdown", help="the spec ref
     from flowspec.spec import reference, spec_model
 
     print(reference() if markdown else json.dumps(spec_model().model_json_schema(), indent=1), end="")
+
+
+from flowspec import cli_check  # noqa: E402,F401  registers ``check`` on app
 
 
 def main() -> None:

@@ -69,3 +69,47 @@ def load_run(run_dir: Path | str, device: str = "auto", *, step: int | None = No
     path = checkpoint_path(run, step, warn)
     checkpoint.load_module(graph.ema.model, checkpoint.load_tensors(path), "ema", path)
     return LoadedRun(graph, path)
+
+
+def reference_velocity(graph) -> tuple[object, str]:
+    """(b(t, x), its name) a run's map is checked against: the dataset's exact velocity, else the
+    [teacher] velocity, else the map's own diagonal v_{t,t} (then only self-consistency is measured)."""
+    if graph.exact is not None:
+        return graph.exact.velocity, "exact"
+    if graph.frozen_teacher is not None and hasattr(graph.frozen_teacher, "velocity"):
+        return graph.frozen_teacher.velocity, "teacher"
+    return graph.sampler().velocity, "own diagonal v_{t,t}"
+
+
+def spread(values: torch.Tensor) -> dict[str, float]:
+    """mean, std, median, 90th percentile and max of a (N,) tensor, as floats."""
+    v = values.double().cpu()
+    q = torch.quantile(v, torch.tensor([0.5, 0.9], dtype=torch.float64))
+    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(q[0]), "q90": float(q[1]),
+            "max": float(v.max())}
+
+
+def check_run(run: LoadedRun, n: int = 2000, seed: int = 0) -> dict:
+    """The flow-map conditions of a run's EMA map on n points: x = I_s(x0, x1) with x0 from the run's
+    base and x1 from its data, (s, t) uniform on the triangle s < t, u = (s + t) / 2; per-sample
+    Euclidean norms of the Lagrangian, Eulerian and semigroup residuals
+    (flowspec.testing.flow_map_checks.flow_map_residuals), each summarised by :func:`spread`.
+
+    Returns:
+        {"checkpoint", "velocity", "n", "residuals": {condition: spread}, "speed": spread of |b_t(X)|}.
+    """
+    from flowspec.evaluate import base_samples
+    from flowspec.testing.flow_map_checks import CONDITIONS, flow_map_residuals
+
+    graph = run.graph
+    fm = graph.sampler().eval()
+    velocity, source = reference_velocity(graph)
+    g = torch.Generator().manual_seed(seed)
+    x0 = base_samples(graph, n, seed)
+    x1 = graph.dataset.sample(n, g).to(x0)
+    pair = torch.rand(n, 2, generator=g, dtype=torch.float64)
+    s, t = (pair.min(1).values.to(x0), pair.max(1).values.to(x0))
+    xs, _ = graph.interpolant.interpolate(s, x0, x1)
+    res = flow_map_residuals(fm, velocity, s, t, xs)
+    return {"checkpoint": str(run.checkpoint), "velocity": source, "n": n,
+            "residuals": {k: spread(res[k]) for k in CONDITIONS}, "speed": spread(res["speed"])}
