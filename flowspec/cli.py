@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flowspec import distributed
@@ -215,7 +216,10 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
     g = _compile(s, spec)
     obj = g.objective
     o = obj.options
-    doc = (sys.modules[type(obj).__module__].__doc__ or "").strip().split("\n\n")
+    formula = getattr(obj, "formula", "") or ""
+    if not formula:  # an objective without a formula: the second paragraph of its module docstring
+        doc = (sys.modules[type(obj).__module__].__doc__ or "").strip().split("\n\n")
+        formula = doc[1] if len(doc) > 1 else ""
     lines = [
         f"[bold]{s.name}[/]: {method_name(obj)}",
         f"  characterization  {obj.characterization}; target {o.target}; diagonal fraction eta = {o.diagonal_fraction}",
@@ -229,13 +233,13 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
         f"EMA {s.train.ema}, {s.train.steps} steps of batch {s.train.batch_size}",
         f"  cost per step     ((1 - eta) c_D + eta) B with c_D = {obj.cost_formula()}, C = 1.5: "
         f"~{obj.step_cost() * s.train.batch_size:,.0f} forward passes ({obj.step_cost():.2f} x flow matching)"
-        + (f"\n                    {obj.teacher_cost()} per off-diagonal sample"
+        + (f"\n                    {escape(obj.teacher_cost())} per off-diagonal sample"
            if getattr(obj, "teacher_cost", lambda: "")() else ""),
         f"  evaluation        K in {s.eval.steps}, {s.eval.num_samples} samples, metrics {', '.join(s.eval.metrics)}",
     ]
-    if len(doc) > 1:
-        lines += ["", "  " + doc[1].replace("\n", "\n  ")]
-    out.print("\n".join(lines), highlight=False)
+    if formula:
+        lines += ["", "  objective:", "    " + escape(formula.strip()).replace("\n", "\n    ")]
+    out.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
 @app.command()

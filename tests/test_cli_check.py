@@ -87,3 +87,19 @@ def test_check_names_a_missing_checkpoint(gaussian_run):
     proc = flowspec("check", gaussian_run, "--step", 7)
     assert proc.returncode == 1
     assert f"{gaussian_run}: no checkpoint at step 7 (have: 400, 380" in proc.stderr
+
+
+def test_explain_prints_the_whole_formula_and_the_teacher_cost(tiny_spec):
+    from flowspec.objectives.progressive import Progressive
+
+    spec = tiny_spec("progressive", extra='[teacher]\nkind = "analytic"\n')
+    proc = flowspec("explain", spec, "--set", "objective.target=teacher")
+    assert proc.returncode == 0, proc.stderr
+    assert "PD" in proc.stdout and "c_D = 1," in proc.stdout
+    assert ("+ 2 adaptive dopri5 solves of the teacher's ODE (tol 1e-07; about 60-150 teacher evaluations each "
+            "on Gaussian targets; logged as teacher_nfe) per off-diagonal sample") in proc.stdout
+    for line in Progressive.formula.splitlines():  # every line of the class attribute, in order
+        assert "    " + line in proc.stdout
+    rk4 = flowspec("explain", spec, "--set", "objective.target=teacher", "--set", "objective.teacher_solver=rk4",
+                   "--set", "objective.teacher_steps=8")
+    assert "+ 2 x 32 teacher evaluations (2 stages of rk4, K = 8) per off-diagonal sample" in rk4.stdout

@@ -45,6 +45,10 @@ class ShortcutOptions(ProgressiveOptions):
 class Shortcut(Progressive):
     Options = ShortcutOptions
     characterization = "shortcut"
+    formula = ("h = 2^-k, k ~ U{0..levels-1}; s on the grid of h; t = s + h; u = (s + t) / 2; x = I_s\n"
+               "r = v_{s,t}(x) - sg(1/2 v'_{s,u}(x) + 1/2 v'_{u,t}(X'_{s,u}(x)))\n"
+               "v', X': the model (self; at the finest level with anchor, two Euler steps of v_{s,s}) or the\n"
+               "teacher's map, its ODE integrated over [s, u] then [u, t] (teacher); per-sample loss |r|^2")
     targets = ("self", "teacher")
     def sample_times(self, n, device, dtype, generator=None):
         """(s, t, n_diag): n_diag = round(eta n) diagonal pairs s = t ~ U[0, 1], then dyadic pairs
