@@ -3,7 +3,9 @@
 The flow map under test is :class:`~flowspec.testing.families.AffineFlowMap`: an oracle's exact map
 plus a dense, time-dependent correction (t - s)(A(s, t)(x - m) + a(s, t)) with parameters theta,
 theta* = 0 the exact map. For each distillation target, oracle and dtype the objective's off-diagonal
-loss is evaluated on a batch whose times include the edges, and the checks are:
+loss is evaluated on a batch whose times include the edges. The teacher of target = "teacher" knows
+only b_t: the analytic velocity (every other oracle) or a frozen network whose diagonal is b_t (the
+rest). The checks are:
 
 * zero at the exact map: the residual r (RMS, relative to its own scale |r(theta* + d)| / eps) and
   the gradient (relative to the gradient at theta* + d, times eps) vanish, to
@@ -66,22 +68,30 @@ class _Memo:
         return self.seen[key]
 
 
-def _teacher(target: str, flow_map, oracle):
-    """The model itself, or for target = "teacher" the oracle's analytic velocity b_t alone (its map
-    is then the teacher's ODE, integrated: the exact map is never handed to the objective)."""
-    from flowspec.teachers import SelfTeacher, VelocityTeacher
+def _teacher(target: str, flow_map, oracle, frozen_network: bool = False):
+    """The model itself, or for target = "teacher" a real teacher that knows only b_t: the oracle's
+    analytic velocity (VelocityTeacher), or with ``frozen_network`` a frozen network whose diagonal
+    is b_t (FlowMapTeacher over a copy of the exact map). Either way its map is its own ODE,
+    integrated: the oracle's exact map is never handed to the objective."""
+    from flowspec.teachers import FlowMapTeacher, SelfTeacher, VelocityTeacher
+    from flowspec.testing.oracles import ExactFlowMap
 
-    return VelocityTeacher(_Memo(oracle.velocity)) if target == "teacher" else SelfTeacher(flow_map)
+    if target != "teacher":
+        return SelfTeacher(flow_map)
+    if frozen_network:
+        return FlowMapTeacher(ExactFlowMap(oracle))
+    return VelocityTeacher(_Memo(oracle.velocity))
 
 
 class _Case:
     """One (objective, target, oracle, dtype): the family, the batch, and evaluations at theta."""
 
-    def __init__(self, obj: Objective, target: str, oracle, dtype: torch.dtype, n: int, seed: int):
+    def __init__(self, obj: Objective, target: str, oracle, dtype: torch.dtype, n: int, seed: int,
+                 frozen_network: bool = False):
         self.obj, self.target, self.oracle, self.dtype, self.seed = obj, target, oracle, dtype, seed
         g = torch.Generator().manual_seed(seed)
         self.fm = AffineFlowMap(oracle, oracle.dim, seed=seed)
-        self.teacher = _teacher(target, self.fm, oracle)
+        self.teacher = _teacher(target, self.fm, oracle, frozen_network)
         x0, x1 = oracle.sample_base(n, g), oracle.sample_data(n, g)
         s, t = sample_times(n, g)
         if target == "conditional":
@@ -295,7 +305,8 @@ def check_objective(objective: Objective | type[Objective], *, oracles: Sequence
             for dtype in dtypes:
                 name = (f"{cls.__name__}(target={target!r}) {describe_oracle(oracle)} "
                         f"{str(dtype).replace('torch.', '')}")
-                case = _Case(obj, target, oracle, dtype, n, seed + k)
+                # "teacher": the analytic velocity for even k, a frozen network teacher for odd k
+                case = _Case(obj, target, oracle, dtype, n, seed + k, frozen_network=k % 2 == 1)
                 msgs, summary = _off_diagonal(case) if off else ([], "diagonal only")
                 msgs += _diagonal(case)
                 failures += [f"{name}: {m}" for m in msgs]
