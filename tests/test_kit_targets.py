@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +17,7 @@ from flowspec.ode import true_flow_map
 from flowspec.registry import Registry
 from flowspec.flowmap import FlowMap as FlowMapOf
 from flowspec.testing import AffineFlowMap, check_flow_map, check_objective, correlated_gaussian
+from flowspec.testing import CheckFailed as CheckFailedError
 from flowspec.testing import strategies as fst
 
 F64 = torch.float64
@@ -165,3 +167,29 @@ def test_flow_map_residuals_are_zero_for_the_exact_map_and_equal_the_hand_values
     # one Euler step: dX/dt = b_s(x), so the Lagrangian residual is |b_s(x) - b_t(x + (t - s) b_s(x))|
     want = (oracle.velocity(s, x) - oracle.velocity(t, x + (t - s)[:, None] * oracle.velocity(s, x))).norm(dim=1)
     torch.testing.assert_close(euler["lagrangian"], want, atol=1e-12, rtol=0)
+
+
+def test_check_flow_map_catches_a_network_whose_tangent_cannot_be_backpropagated():
+    """torch.softmax's forward-AD rule overwrites a tensor its backward needs: a network using it
+    inside the jvp is named, with the fix; the same network through flowspec.jvp.attention passes."""
+    from torch import nn
+
+    from flowspec.jvp import attention
+
+    class Attend(nn.Module):
+        def __init__(self, written_out: bool):
+            super().__init__()
+            self.written_out = written_out
+            self.qkv = nn.Linear(4, 12)
+
+        def forward(self, x, s, t):
+            h = torch.cat([x, s[:, None], t[:, None]], 1)  # (B, 4): a sequence of 4 one-dimensional tokens
+            q, k, v = self.qkv(h).unflatten(1, (3, 4, 1)).unbind(1)
+            if self.written_out:
+                return attention(q, k, v)[:, :2, 0]
+            return (torch.softmax(q @ k.transpose(-1, -2), -1) @ v)[:, :2, 0]
+
+    torch.manual_seed(0)
+    check_flow_map(Attend(written_out=True), (2,))
+    with pytest.raises(CheckFailedError, match="flowspec.jvp.attention"):
+        check_flow_map(Attend(written_out=False), (2,))
