@@ -138,3 +138,24 @@ def test_tolerances_by_dtype_and_strategy():
     # central differences at h = eps^(1/3) / 1000: 4 eps / h
     assert zero_tolerance(F64, "finite_difference") == pytest.approx(4 * 2.220446e-16 / (6.055454e-06 / 1000), rel=1e-5)
     assert zero_tolerance(F32, "finite_difference") == pytest.approx(0.0973, rel=1e-2)
+
+
+class AbsolutePenalty(Lagrangian):
+    """Sound, not differentiable at 0: sum_i |r_i| (its gradient at the exact map is sign(rounding))."""
+
+    def penalty(self, r):
+        return r.abs().flatten(1).sum(1)
+
+
+class NormPenalty(Lagrangian):
+    """Unsound in practice: |r| = sqrt(|r|^2) has an infinite gradient at r = 0 (NaN in training)."""
+
+    def penalty(self, r):
+        return squared_norm(r).sqrt()
+
+
+def test_a_penalty_not_differentiable_at_zero_is_judged_on_its_residual():
+    checked, msg, _ = timed_check(AbsolutePenalty, targets=["self"], dtypes=[F64])
+    assert msg is None, msg
+    _, msg, _ = timed_check(NormPenalty, targets=["self"], dtypes=[F64])
+    assert msg is not None and "loss, residual or gradient not finite" in msg
