@@ -93,7 +93,8 @@ def check_run(run: LoadedRun, n: int = 2000, seed: int = 0) -> dict:
     """The flow-map conditions of a run's EMA map on n points: x = I_s(x0, x1) with x0 from the run's
     base and x1 from its data, (s, t) uniform on the triangle s < t, u = (s + t) / 2; per-sample
     Euclidean norms of the Lagrangian, Eulerian and semigroup residuals
-    (flowspec.testing.flow_map_checks.flow_map_residuals), each summarised by :func:`spread`.
+    (flowspec.testing.flow_map_checks.flow_map_residuals, with the run's jvp strategy), each
+    summarised by :func:`spread`.
 
     Returns:
         {"checkpoint", "velocity", "n", "residuals": {condition: spread}, "speed": spread of |b_t(X)|}.
@@ -110,6 +111,6 @@ def check_run(run: LoadedRun, n: int = 2000, seed: int = 0) -> dict:
     pair = torch.rand(n, 2, generator=g, dtype=torch.float64)
     s, t = (pair.min(1).values.to(x0), pair.max(1).values.to(x0))
     xs, _ = graph.interpolant.interpolate(s, x0, x1)
-    res = flow_map_residuals(fm, velocity, s, t, xs)
+    res = flow_map_residuals(fm, velocity, s, t, xs, strategy=getattr(graph.objective.options, "jvp", "exact"))
     return {"checkpoint": str(run.checkpoint), "velocity": source, "n": n,
             "residuals": {k: spread(res[k]) for k in CONDITIONS}, "speed": spread(res["speed"])}

@@ -33,7 +33,8 @@ def _norm(r: torch.Tensor) -> torch.Tensor:
 
 
 def flow_map_residuals(flow_map: FlowMap, velocity: Velocity, s: torch.Tensor, t: torch.Tensor,
-                       x: torch.Tensor, u: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       x: torch.Tensor, u: torch.Tensor | None = None, strategy: str = "exact"
+                       ) -> dict[str, torch.Tensor]:
     """Per-sample norms of the three residuals above, and |b_t(X_{s,t}(x))| for scale.
 
     Args:
@@ -41,15 +42,16 @@ def flow_map_residuals(flow_map: FlowMap, velocity: Velocity, s: torch.Tensor, t
         velocity: b(t, x).
         s, t: (B,) times, s <= t; u: split times (default (s + t) / 2).
         x: (B, ...) points.
+        strategy: the jvp strategy ("exact", or "finite_difference" for networks without forward AD).
     Returns:
         {"lagrangian", "eulerian", "semigroup", "speed"}: each (B,), detached.
     """
     u = (s + t) / 2 if u is None else u
     with torch.no_grad():
-        X, dX_dt = jvp(lambda tt: flow_map(s, tt, x), (t,), (torch.ones_like(t),))
+        X, dX_dt = jvp(lambda tt: flow_map(s, tt, x), (t,), (torch.ones_like(t),), strategy=strategy)
         lag = dX_dt - velocity(t, X)
         b_s = velocity(s, x)
-        _, eul = jvp(lambda ss, xx: flow_map(ss, t, xx), (s, x), (torch.ones_like(s), b_s))
+        _, eul = jvp(lambda ss, xx: flow_map(ss, t, xx), (s, x), (torch.ones_like(s), b_s), strategy=strategy)
         semi = flow_map(u, t, flow_map(s, u, x)) - X
         speed = velocity(t, X)
     return {"lagrangian": _norm(lag), "eulerian": _norm(eul), "semigroup": _norm(semi), "speed": _norm(speed)}
