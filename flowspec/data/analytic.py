@@ -66,6 +66,8 @@ class ExactVelocity:
     """
 
     eps = 1e-6
+    #: the dtype to evaluate this velocity in when integrating it (it computes in float64 anyway)
+    eval_dtype = torch.float64
 
     def __init__(self, interpolant: Interpolant, scale):
         self.interpolant = interpolant
@@ -90,7 +92,7 @@ class ExactVelocity:
         integrated per sample (flowspec.ode.map_velocity, dopri5 at 1e-7)."""
         from flowspec.ode import map_velocity
 
-        return map_velocity(self.velocity, s, t, x)[0]
+        return map_velocity(self.velocity, s, t, x, eval_dtype=torch.float64)[0]
 
     def _c(self, x: torch.Tensor) -> torch.Tensor:
         return self.scale.to(x.device).expand(x.shape[1])

@@ -78,9 +78,10 @@ class Progressive(Objective):
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """(v'_{s,u}(x), v'_{u,t}(X'_{s,u}(x))) of the teacher's integrated map, each shaped like x."""
         opts = self.teacher_map_options()
-        v_su, n1 = map_velocity(teacher.velocity, s, u, x, opts)
+        ev = getattr(teacher, "eval_dtype", None)  # float64 for closed-form teachers
+        v_su, n1 = map_velocity(teacher.velocity, s, u, x, opts, ev)
         x_u = x + expand_as(u - s, x) * v_su
-        v_ut, n2 = map_velocity(teacher.velocity, u, t, x_u, opts)
+        v_ut, n2 = map_velocity(teacher.velocity, u, t, x_u, opts, ev)
         self.teacher_nfe = n1 + n2
         return v_su, v_ut
 
