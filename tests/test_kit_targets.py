@@ -193,3 +193,16 @@ def test_check_flow_map_catches_a_network_whose_tangent_cannot_be_backpropagated
     check_flow_map(Attend(written_out=True), (2,))
     with pytest.raises(CheckFailedError, match="flowspec.jvp.attention"):
         check_flow_map(Attend(written_out=False), (2,))
+
+
+@settings(max_examples=2, deadline=None)
+@given(st.floats(0.5, 2.0))
+def test_check_flow_map_inside_a_hypothesis_test(sigma):
+    """Inside the caller's own @given (where a nested @given fails a health check) the conditions are
+    probed on seeded batches; a wrong map is still caught."""
+    from flowspec.testing import CheckFailed, ExactFlowMap, GaussianOracle
+
+    oracle = GaussianOracle(Linear(), torch.tensor([0.3, 0.1], dtype=F64), sigma, 1.0)
+    check_flow_map(ExactFlowMap(oracle), velocity=oracle.velocity, max_examples=3)
+    with pytest.raises(CheckFailed, match="Lagrangian condition"):
+        check_flow_map(EulerStep(oracle), velocity=oracle.velocity, max_examples=3)
