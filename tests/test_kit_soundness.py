@@ -159,3 +159,21 @@ def test_a_penalty_not_differentiable_at_zero_is_judged_on_its_residual():
     assert msg is None, msg
     _, msg, _ = timed_check(NormPenalty, targets=["self"], dtypes=[F64])
     assert msg is not None and "loss, residual or gradient not finite" in msg
+
+
+def test_meanflow_with_its_adaptive_weight_is_accepted():
+    """The shipped MeanFlow spec's objective: the weight sg(1 / (|r|^2 + 1e-3)) depends on the noise of
+    dI_s/ds, so the antithetic average is not exact; the descent check then uses 2048 pairs."""
+    obj = Eulerian(Eulerian.Options(target="conditional", adaptive_weight=1.0, adaptive_eps=1e-3))
+    checked, msg, seconds = timed_check(obj, targets=["conditional"])
+    assert msg is None, msg
+    assert seconds < 60 and len(checked) == 4 * 2 + 1 + 1
+
+
+def test_a_teacher_integrated_with_fixed_steps_is_named_when_it_is_not_accurate_enough():
+    from flowspec.objectives.progressive import Progressive
+
+    obj = Progressive(Progressive.Options(target="teacher", teacher_solver="rk4", teacher_steps=4))
+    _, msg, _ = timed_check(obj, targets=["teacher"], dtypes=[F64])
+    assert msg is not None and "the teacher's map is rk4 with fixed steps, whose error counts here" in msg
+    check_objective(Progressive(Progressive.Options(target="teacher")), targets=["teacher"], dtypes=[F64])
