@@ -33,7 +33,7 @@ def check(run_dir: Path = typer.Argument(..., help="a run folder (read only)"),
                      f"90% {r['q90']:.4g}  max {r['max']:.4g}")
     sp = result["speed"]
     lines.append(f"  scale |b_t(X)|                 {sp['mean']:.4g} ± {sp['std']:.3g}")
-    out.print("\n".join(lines), highlight=False, soft_wrap=True)
+    out.print("\n".join(lines), highlight=False, soft_wrap=True, markup=False)
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(result, indent=1))
