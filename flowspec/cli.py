@@ -1,4 +1,4 @@
-"""The ``flowspec`` command line: run, validate, explain, sample, plugins, schema."""
+"""The ``flowspec`` command line: run, validate, explain, sample, check, plugins, schema."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from flowspec.errors import UserError
@@ -192,7 +193,10 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
     g = _compile(s, spec)
     obj = g.objective
     o = obj.options
-    doc = (sys.modules[type(obj).__module__].__doc__ or "").strip().split("\n\n")
+    formula = getattr(obj, "formula", "") or ""
+    if not formula:  # an objective without a formula: the second paragraph of its module docstring
+        doc = (sys.modules[type(obj).__module__].__doc__ or "").strip().split("\n\n")
+        formula = doc[1] if len(doc) > 1 else ""
     lines = [
         f"[bold]{s.name}[/]: {method_name(obj)}",
         f"  characterization  {obj.characterization}; target {o.target}; diagonal fraction eta = {o.diagonal_fraction}",
@@ -205,12 +209,14 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
         f"  optimizer         {s.train.optimizer}, lr {s.train.lr} ({s.train.schedule}), clip {s.train.grad_clip}, "
         f"EMA {s.train.ema}, {s.train.steps} steps of batch {s.train.batch_size}",
         f"  cost per step     ((1 - eta) c_D + eta) B with c_D = {obj.cost_formula()}, C = 1.5: "
-        f"~{obj.step_cost() * s.train.batch_size:,.0f} forward passes ({obj.step_cost():.2f} x flow matching)",
+        f"~{obj.step_cost() * s.train.batch_size:,.0f} forward passes ({obj.step_cost():.2f} x flow matching)"
+        + (f"\n                    {escape(obj.teacher_cost())} per off-diagonal sample"
+           if getattr(obj, "teacher_cost", lambda: "")() else ""),
         f"  evaluation        K in {s.eval.steps}, {s.eval.num_samples} samples, metrics {', '.join(s.eval.metrics)}",
     ]
-    if len(doc) > 1:
-        lines += ["", "  " + doc[1].replace("\n", "\n  ")]
-    out.print("\n".join(lines), highlight=False)
+    if formula:
+        lines += ["", "  objective:", "    " + escape(formula.strip()).replace("\n", "\n    ")]
+    out.print("\n".join(lines), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -226,22 +232,13 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
            rtol: float = typer.Option(1e-5, "--rtol", help="dopri5 relative tolerance"),
            atol: float = typer.Option(1e-5, "--atol", help="dopri5 absolute tolerance")) -> None:
     """Draw samples from a run's EMA flow map (or, with --solver, from the ODE of its diagonal)."""
-    from flowspec import checkpoint
-    from flowspec.compile import compile_spec
+
     from flowspec.evaluate import base_samples
     from flowspec.evaluate import sample as draw
-    from flowspec.spec import load_spec
+    from flowspec.runs import load_run
 
-    spec_path = run_dir / "spec.toml"
-    if not spec_path.exists():
-        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
-    s = load_spec(spec_path, [f"train.device={device}", "eval.metrics=[]"])
-    g = compile_spec(s)
-    run_id = checkpoint.spec_id(load_spec(spec_path))  # the run's own: another run's checkpoint is skipped
-    ckpt = checkpoint.newest(run_dir, warn, checkpoint.size_limit(g.ema.model), run_id,
-                             accept=lambda c: checkpoint.check_module(g.ema.model, c.tensors, "ema", c.path))
-    path = ckpt.path
-    checkpoint.load_module(g.ema.model, ckpt.tensors, "ema", path)
+    run = load_run(run_dir, device, warn=warn)
+    g, path = run.graph, run.checkpoint
     if solver is None:
         x = draw(g.sampler(), base_samples(g, n, seed), steps)
         how = f"{steps} step{'s' if steps > 1 else ''}"
@@ -296,6 +293,11 @@ def _interrupted() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a third Ctrl-C cannot cut the exit short
     warn("flowspec: interrupted")
     sys.exit(130)
+
+
+from flowspec.cli_check import check  # noqa: E402  (its own module: the command's report)
+
+app.command()(check)
 
 
 def main() -> None:

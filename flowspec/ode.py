@@ -110,6 +110,71 @@ def integrate(velocity: Velocity, x: torch.Tensor, s: torch.Tensor | float = 0.0
     return y, nfe
 
 
+class TeacherMapOptions(BaseModel):
+    """How a frozen teacher's two-stage map is integrated (progressive distillation and shortcut
+    models with target = "teacher")."""
+
+    model_config = ConfigDict(extra="forbid")
+    solver: Literal["dopri5", "rk4"] = Field(
+        "dopri5", description="dopri5: adaptive, every sample to the tolerance (max norm); rk4: K fixed steps")
+    tol: float = Field(1e-7, gt=0, description="dopri5 rtol = atol, per sample and coordinate (floored at "
+                       "4 eps of the teacher's dtype)")
+    steps: int = Field(16, ge=1, description="K, rk4 steps per map (4K teacher evaluations)")
+
+
+def map_velocity(velocity: Velocity, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor,
+                 options: TeacherMapOptions | None = None, eval_dtype: torch.dtype | None = None
+                 ) -> tuple[torch.Tensor, int]:
+    """The map velocity v_{s,t}(x) = (X_{s,t}(x) - x) / (t - s) of ``velocity``'s own flow, per sample.
+
+    Integrated without dividing by t - s, so it is exact on the diagonal (v_{s,s} = b_s) and loses no
+    digits for short intervals: with h = t - s (B,) and the normalised time tau in [0, 1], the mean
+    velocity z(tau) = (y(tau) - x) / h of the path y(tau) = X_{s, s + tau h}(x) solves
+
+        dz/dtau = b_{s + tau h}(x + h z),   z(0) = 0,   z(1) = v_{s,t}(x)
+
+    one torchdiffeq solve for the whole batch of (s, t) pairs, state in float64, ``velocity``
+    called in ``eval_dtype`` (default x's dtype; float64 for a closed-form velocity, whose float32
+    rounding would otherwise bound the accuracy at a few 1e-7) under no_grad. dopri5 controls every sample's error (max norm over the batch,
+    rtol = atol = tol): on Gaussian targets the error of v stays within 10 tol at 60-150 evaluations of
+    b on the batch; rk4 takes K steps (4K evaluations; error ~ K^-4, 1e-6 at K = 16 for a well-scaled
+    Gaussian, 1e-3 when the data std is 4 times the base's).
+
+    Args:
+        velocity: b(t, x), t (B,), x (B, ...).
+        s, t: (B,) start and end times.
+        x: (B, ...) start points.
+    Returns:
+        (v_{s,t}(x) shaped like x in x's dtype, NFE: evaluations of b on the batch).
+    """
+    from torchdiffeq import odeint
+
+    o = options or TeacherMapOptions()
+    dtype, f64 = eval_dtype or x.dtype, torch.float64
+    s64, h = s.to(f64), (t - s).to(f64)
+    x64 = x.detach().to(f64)
+    hx = expand_as(h, x64)
+    nfe = 0
+
+    def f(tau: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        nonlocal nfe
+        nfe += 1
+        r = s64 + tau.to(f64).clamp(0.0, 1.0) * h
+        return velocity(r.to(dtype), (x64 + hx * z).to(dtype)).to(f64)
+
+    z0 = torch.zeros_like(x64)
+    with torch.no_grad():
+        if o.solver == "dopri5":
+            grid = torch.tensor([0.0, 1.0], dtype=f64, device=x.device)
+            tol = max(o.tol, 4 * torch.finfo(dtype).eps)
+            z = odeint(f, z0, grid, method="dopri5", rtol=tol, atol=tol,
+                       options={"step_t": grid[1:], "norm": lambda y: y.abs().max()})[-1]
+        else:
+            grid = torch.linspace(0.0, 1.0, o.steps + 1, dtype=f64, device=x.device)
+            z = odeint(f, z0, grid, method="rk4")[-1]
+    return z.to(x.dtype), nfe
+
+
 def sample(velocity: Velocity, x0: torch.Tensor, options: ODEOptions, chunk: int = 65_536
            ) -> tuple[torch.Tensor, int, float]:
     """ODE samples X_{0,1}(x0) in chunks: (samples on the CPU as float32, NFE (largest over chunks),

@@ -1,8 +1,9 @@
 """Distillation targets b-hat (MATH.md, "Losses"): anything with ``velocity(t, x)``.
 
-A teacher also offers a map velocity ``v(s, t, x)`` for the progressive objectives: by default one
-Euler step of its velocity, X_{s,t}(x) = x + (t - s) b_s(x), i.e. v_{s,t}(x) = b_s(x). Teachers are
-always evaluated under stop-gradient.
+A teacher also offers a map velocity ``v(s, t, x)`` = (X_{s,t}(x) - x) / (t - s): the model's own map
+for self-distillation, and for a frozen teacher its ODE xdot = b_t(x) integrated over [s, t]
+(flowspec.ode.map_velocity; the progressive objectives integrate with their own teacher_* options).
+Teachers are always evaluated under stop-gradient.
 """
 
 from __future__ import annotations
@@ -42,6 +43,27 @@ class SelfTeacher:
         return self.flow_map.v(s, t, x)
 
 
+class VelocityTeacher:
+    """A frozen velocity as teacher (an analytic b_t, or any callable): ``velocity`` is it, under
+    no_grad, and its map velocity v_{s,t} is its ODE integrated over [s, t] (flowspec.ode.map_velocity).
+
+    Args:
+        velocity: b(t, x), t (B,), x (B, ...) -> shaped like x.
+    """
+
+    def __init__(self, velocity):
+        self._velocity = velocity
+
+    @torch.no_grad()
+    def velocity(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self._velocity(t, x)
+
+    def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        from flowspec.ode import map_velocity
+
+        return map_velocity(self.velocity, s, t, x)[0]
+
+
 class TeacherOptions(BaseModel):
     """``[teacher]``: the frozen velocity of target = "teacher" (and of ``[eval] ode`` rows with
     velocity = "teacher")."""
@@ -63,8 +85,9 @@ class TeacherOptions(BaseModel):
 
 
 class FlowMapTeacher:
-    """A frozen flowspec flow map as teacher: velocity = its diagonal v_{t,t}; its map is one Euler
-    step of that velocity, v_{s,t}(x) = v_{s,s}(x) (MATH.md: the PD teacher map, initially)."""
+    """A frozen flowspec flow map as teacher: velocity = its diagonal v_{t,t}; its map is the ODE of
+    that velocity integrated over [s, t] (flowspec.ode.map_velocity), not the network's own
+    off-diagonal (a flow-matching run trains only the diagonal)."""
 
     def __init__(self, flow_map: nn.Module, source: str = ""):
         self.flow_map = flow_map.requires_grad_(False).eval()
@@ -76,7 +99,9 @@ class FlowMapTeacher:
         return self.flow_map.velocity(t, x)
 
     def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return self.velocity(s, x)
+        from flowspec.ode import map_velocity
+
+        return map_velocity(self.velocity, s, t, x)[0]
 
 
 #: the run folder this process trains in (a teacher run may not be it), and the teacher runs being
@@ -86,10 +111,10 @@ _loading: list = []
 
 
 def load_run_teacher(path: str, device: torch.device, shape: tuple[int, ...]) -> FlowMapTeacher:
-    """The EMA flow map of a run folder, frozen (its resolved spec compiled, its newest good
-    checkpoint loaded through :mod:`flowspec.checkpoint`: safetensors, every byte verified). The
-    teacher's ``pin`` records the run and the checkpoint's digest (a student's checkpoints keep it,
-    and a resume refuses another teacher).
+    """The EMA flow map of a run folder, frozen (:func:`flowspec.runs.load_run`: its resolved spec
+    compiled, its newest good checkpoint loaded, every byte verified). The teacher's ``pin`` records
+    the run and the checkpoint's digest (a student's checkpoints keep it, and a resume refuses
+    another teacher).
 
     Raises:
         UserError: not a run folder, this run's own folder, a cycle of teachers, no good
@@ -98,10 +123,8 @@ def load_run_teacher(path: str, device: torch.device, shape: tuple[int, ...]) ->
     import sys
     from pathlib import Path
 
-    from flowspec import checkpoint
-    from flowspec.compile import compile_spec
     from flowspec.errors import UserError
-    from flowspec.spec import load_spec
+    from flowspec.runs import load_run
 
     run = Path(path)
     if not (run / "spec.toml").is_file():
@@ -114,27 +137,19 @@ def load_run_teacher(path: str, device: torch.device, shape: tuple[int, ...]) ->
         start = _loading.index(key) if key in _loading else 0
         chain = " -> ".join(str(p) for p in ([] if key in _loading else [own]) + _loading[start:] + [key])
         raise UserError(f"teacher.path: {path}: the teacher runs form a cycle ({chain})")
-    spec = load_spec(run / "spec.toml", [f"train.device={device.type}", "eval.metrics=[]",
-                                         "eval.flow_map_error=false", "eval.ode=[]"])
-    rng = torch.random.get_rng_state()
-    _loading.append(key)
-    try:
-        graph = compile_spec(spec)
-    finally:
-        _loading.pop()
-    torch.random.set_rng_state(rng)
-    if tuple(graph.dataset.shape) != tuple(shape):
-        raise UserError(f"teacher.path: {path}: the teacher's data shape {tuple(graph.dataset.shape)} "
-                        f"differs from this spec's {tuple(shape)}")
-    model = graph.ema.model
 
     def warn(line: str) -> None:
         sys.stderr.write(f"{line} (teacher)\n")
 
-    run_id = checkpoint.spec_id(load_spec(run / "spec.toml"))  # another run's checkpoint copied in is skipped
-    ckpt = checkpoint.newest(run, warn, checkpoint.size_limit(model), run_id,
-                             accept=lambda c: checkpoint.check_module(model, c.tensors, "ema", c.path))
-    checkpoint.load_module(model, ckpt.tensors, "ema", ckpt.path)
-    teacher = FlowMapTeacher(model.to(device), f"{path} ({ckpt.path.name})")
-    teacher.pin = {"run": str(key), "checkpoint": ckpt.path.name, "sha256": ckpt.digest}
+    _loading.append(key)
+    try:
+        loaded = load_run(run, device.type, label="teacher.path: ", warn=warn)
+    finally:
+        _loading.pop()
+    graph = loaded.graph
+    if tuple(graph.dataset.shape) != tuple(shape):
+        raise UserError(f"teacher.path: {path}: the teacher's data shape {tuple(graph.dataset.shape)} "
+                        f"differs from this spec's {tuple(shape)}")
+    teacher = FlowMapTeacher(graph.ema.model.to(device), f"{path} ({loaded.checkpoint.name})")
+    teacher.pin = {"run": str(key), "checkpoint": loaded.checkpoint.name, "sha256": loaded.digest}
     return teacher

@@ -42,8 +42,13 @@ def test_builtin_objectives_pass_check_objective(name):
     cls = BUILTINS.get("objectives", name)
     # the anchored shortcut is biased by design at its finest level (tests/test_schemes.py)
     checked = check_objective(cls(cls.Options(anchor=False)) if name == "shortcut" else cls)
-    # every declared target, 4 default oracles, float32 and float64
-    assert len(checked) == len(cls.targets) * 4 * 2
+    # every declared target, 4 default oracles, float32 and float64; then (with off-diagonal samples)
+    # one convergence line per target and the penalty line
+    off = name != "flow_matching"
+    assert len(checked) == len(cls.targets) * 4 * 2 + off * (len(cls.targets) + 1)
+    if off:
+        ratios = [float(line.rsplit("x ", 1)[1]) for line in checked if "Adam steps" in line]
+        assert len(ratios) == len(cls.targets) and max(ratios) < 0.25
 
 
 @pytest.mark.parametrize("options", [dict(stop_gradient="none", target="self"), dict(gamma="half")])
@@ -67,7 +72,8 @@ def test_strategy_schedules_are_valid_interpolants(interpolant):
 def test_builtin_network_passes_check_flow_map(embedding):
     torch.manual_seed(0)
     net = MLP(MLPOptions(width=32, depth=2, time_embedding=embedding), (2,))
-    assert check_flow_map(net, (2,)) == ["FlowMap(MLP): shapes, identity, tangent condition, jvp, gradients through the jvp"]
+    assert check_flow_map(net, (2,)) == ["FlowMap(MLP): shapes, identity, tangent condition at s = t, jvp, "
+                                         "gradients through the jvp"]
 
 
 def test_mlp_on_image_shapes_passes_check_flow_map():
@@ -113,8 +119,8 @@ def test_start_point_lagrangian_is_caught():
     with pytest.raises(CheckFailed) as info:
         check_objective(StartPointLagrangian)
     msg = str(info.value)
-    assert "StartPointLagrangian(target='self') Linear N([0.8, -0.5], 1.3^2), c=1 float64: off-diagonal loss " \
-           "is not zero at the exact flow map: RMS residual" in msg
+    assert "StartPointLagrangian(target='self') Linear N([0.8, -0.5], 1.3^2), c=1 float64: off-diagonal residual " \
+           "is not zero at the exact flow map: RMS" in msg
     assert "target='teacher'" in msg and "float32" in msg
     assert "the exact flow map is not a minimizer" in msg
 
@@ -123,7 +129,7 @@ def test_doubled_target_is_caught_in_every_case():
     with pytest.raises(CheckFailed) as info:
         check_objective(DoubledTarget)
     lines = str(info.value).splitlines()
-    zero = [line for line in lines if "off-diagonal loss is not zero at the exact flow map" in line]
+    zero = [line for line in lines if "off-diagonal residual is not zero at the exact flow map" in line]
     assert len(zero) == 2 * 4 * 2  # 2 targets x 4 oracles x 2 dtypes
 
 
@@ -242,7 +248,7 @@ def test_batch_shapes_and_targets(shape, target):
     assert oracle.sample_data(4).shape == (4, len(target.mu))
 
 
-@FAST
+@settings(max_examples=6, deadline=None)
 @given(fst.gaussian_oracles(), st.sampled_from(["lagrangian", "eulerian", "progressive"]))
 def test_builtin_objectives_pass_on_drawn_oracles(oracle, name):
     check_objective(BUILTINS.get("objectives", name), oracles=[oracle], dtypes=[F64], n=32)
@@ -325,29 +331,3 @@ def test_pytest_plugin_is_registered_through_pytest11():
 
     (ep,) = [e for e in entry_points(group="pytest11") if e.dist is not None and e.dist.name == "flowspec"]
     assert (ep.name, ep.value) == ("flowspec", "flowspec.testing.pytest_plugin")
-
-
-def test_check_flow_map_catches_a_network_whose_tangent_cannot_be_backpropagated():
-    """torch.softmax's forward-AD rule overwrites a tensor its backward needs: a network using it
-    inside the jvp is named, with the fix; the same network through flowspec.jvp.attention passes."""
-    from torch import nn
-
-    from flowspec.jvp import attention
-
-    class Attend(nn.Module):
-        def __init__(self, written_out: bool):
-            super().__init__()
-            self.written_out = written_out
-            self.qkv = nn.Linear(4, 12)
-
-        def forward(self, x, s, t):
-            h = torch.cat([x, s[:, None], t[:, None]], 1)  # (B, 4): a sequence of 4 one-dimensional tokens
-            q, k, v = self.qkv(h).unflatten(1, (3, 4, 1)).unbind(1)
-            if self.written_out:
-                return attention(q, k, v)[:, :2, 0]
-            return (torch.softmax(q @ k.transpose(-1, -2), -1) @ v)[:, :2, 0]
-
-    torch.manual_seed(0)
-    check_flow_map(Attend(written_out=True), (2,))
-    with pytest.raises(CheckFailed, match="flowspec.jvp.attention"):
-        check_flow_map(Attend(written_out=False), (2,))

@@ -96,12 +96,15 @@ class Objective:
         characterization: the name a spec uses (``[objective] characterization = ...``).
         targets: the distillation targets it supports ("self", "teacher", "conditional");
             ``flowspec.testing.check_objective`` checks each of them.
+        formula: the residual r and the per-sample loss, as ``flowspec explain`` prints them.
         cost: (forwards, jvps) per off-diagonal sample, MATH.md's cost model: c_D = forwards + jvps C,
             C the cost of a jvp in forward passes. Counts every network pass, with or without grad.
     """
 
     Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
     characterization: ClassVar[str] = ""
+    #: the whole loss in words and symbols, printed by ``flowspec explain`` (several lines allowed)
+    formula: ClassVar[str] = ""
     targets: ClassVar[tuple[str, ...]] = ("self",)
     cost: ClassVar[tuple[int, int]] = (1, 0)
 
@@ -209,6 +212,9 @@ class Objective:
             per = self.penalty(self.residual(flow_map, teacher, so, to, xs, dxs))
             total = total + self._weigh(flow_map, so, to, per).sum()
             logs["distill"] = per.detach().mean()
+            nfe = getattr(self, "teacher_nfe", 0)  # objectives that integrate a teacher's ODE
+            if nfe:
+                logs["teacher_nfe"] = torch.tensor(float(nfe))
         loss = total / n
         logs["loss"] = loss.detach()
         return LossOutput(loss=loss, logs=logs)

@@ -39,6 +39,11 @@ class EulerianOptions(ObjectiveOptions):
 class Eulerian(Objective):
     Options = EulerianOptions
     characterization = "eulerian"
+    formula = ("x = I_s; b = b-hat_s(x): the model's diagonal v_{s,s} (self), the teacher's b_s, or dI_s/ds "
+               "(conditional)\n"
+               "r = d/ds X_{s,t}(x) + grad_x X_{s,t}(x) b   (jvps: in s, and in x along b)\n"
+               "stop_gradient = full: gradient only through d/ds X; none: through both terms (b always sg)\n"
+               "per-sample loss |r|^2; diagonal samples |v_{t,t}(I_t) - dI_t/dt|^2")
     targets = ("self", "teacher", "conditional")
 
     @property

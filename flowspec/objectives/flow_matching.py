@@ -20,6 +20,7 @@ class FlowMatchingOptions(ObjectiveOptions):
 class FlowMatching(Objective):
     Options = FlowMatchingOptions
     characterization = "flow_matching"
+    formula = "every sample diagonal: loss |v_{t,t}(I_t) - dI_t/dt|^2, t ~ U[0, 1]"
     targets = ("self",)
     cost = (0, 0)
 

@@ -32,6 +32,8 @@ class FlowMapMatchingOptions(ObjectiveOptions):
 class FlowMapMatching(Objective):
     Options = FlowMapMatchingOptions
     characterization = "fmm"
+    formula = ("(s, t) uniform on [0, 1]^2; x = I_s; y = X_{s,t}(x); (z, dz/dr) = jvp(r -> X_{t,r}(y) at r = s)\n"
+               "r = (dz/dr - dI_s/ds, z - x), no stop-gradient; per-sample loss |r|^2 (both terms)")
     targets = ("conditional",)
     cost = (2, 1)
 

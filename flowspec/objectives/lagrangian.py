@@ -18,6 +18,9 @@ from flowspec.objectives.base import Objective
 
 class Lagrangian(Objective):
     characterization = "lagrangian"
+    formula = ("x = I_s; (X, dX/dt) = jvp(t -> X_{s,t}(x), tangent 1)   (forward mode in t)\n"
+               "r = dX/dt - sg(b-hat_t(sg(X)))   b-hat: the model's diagonal v_{t,t} (self) or the teacher's b_t\n"
+               "gradient only through dX/dt; per-sample loss |r|^2; diagonal samples |v_{t,t}(I_t) - dI_t/dt|^2")
     targets = ("self", "teacher")
     cost = (1, 1)
 

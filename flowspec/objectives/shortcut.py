@@ -8,7 +8,9 @@ x = I_s,
     r = v_{s,t}(I_s) - sg(1/2 v_{s,u}(I_s) + 1/2 v_{u,t}(X_{s,u}(I_s)))
 
 the two half steps from the model itself (target = self), optionally from its EMA weights
-(``ema_target = true``, as in the shortcut-model paper), or from a teacher's map. The diagonal
+(``ema_target = true``, as in the shortcut-model paper), or, with target = "teacher", from the
+teacher's own flow map (its ODE integrated over [s, u] and [u, t], as for progressive distillation;
+no anchor: the teacher's map is the target at every level). The diagonal
 (eta of the batch) is flow matching, the shortcut paper's d = 0 term.
 
 ``anchor = true`` (default): at the finest level, h = 2^-(levels - 1), the half steps are the
@@ -43,9 +45,11 @@ class ShortcutOptions(ProgressiveOptions):
 class Shortcut(Progressive):
     Options = ShortcutOptions
     characterization = "shortcut"
+    formula = ("h = 2^-k, k ~ U{0..levels-1}; s on the grid of h; t = s + h; u = (s + t) / 2; x = I_s\n"
+               "r = v_{s,t}(x) - sg(1/2 v'_{s,u}(x) + 1/2 v'_{u,t}(X'_{s,u}(x)))\n"
+               "v', X': the model (self; at the finest level with anchor, two Euler steps of v_{s,s}) or the\n"
+               "teacher's map, its ODE integrated over [s, u] then [u, t] (teacher); per-sample loss |r|^2")
     targets = ("self", "teacher")
-    cost = (3, 0)
-
     def sample_times(self, n, device, dtype, generator=None):
         """(s, t, n_diag): n_diag = round(eta n) diagonal pairs s = t ~ U[0, 1], then dyadic pairs
         (s, s + 2^-k) with s on the grid of 2^-k."""
@@ -62,10 +66,14 @@ class Shortcut(Progressive):
 
     def residual(self, flow_map, teacher, s, t, x, dx):
         u = (s + t) / 2
-        finest = (t - s) <= 2.0 ** -(self.options.levels - 1) * (1 + 1e-6)
-        finest = finest & self.options.anchor
         with torch.no_grad():
-            v_su = teacher.v(s, torch.where(finest, s, u), x)
-            x_u = x + expand_as(u - s, x) * v_su
-            target = (v_su + teacher.v(u, torch.where(finest, u, t), x_u)) / 2
+            if self.options.target == "teacher":  # the teacher's own map: no anchor, no Euler step
+                v_su, v_ut = self.teacher_stages(teacher, s, u, t, x)
+            else:
+                finest = (t - s) <= 2.0 ** -(self.options.levels - 1) * (1 + 1e-6)
+                finest = finest & self.options.anchor
+                v_su = teacher.v(s, torch.where(finest, s, u), x)
+                x_u = x + expand_as(u - s, x) * v_su
+                v_ut = teacher.v(u, torch.where(finest, u, t), x_u)
+            target = (v_su + v_ut) / 2
         return flow_map.v(s, t, x) - target

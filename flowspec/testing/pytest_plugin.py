@@ -9,8 +9,12 @@ until a fixture is used):
 * ``flowspec_oracles``: :func:`~flowspec.testing.default_oracles` (linear and trig schedules, two
   targets), what :func:`~flowspec.testing.check_objective` uses by default.
 
-and registers the hypothesis settings profile ``flowspec`` (max_examples = 15, no deadline), to be
-used as ``@settings(settings.get_profile("flowspec"))`` or ``--hypothesis-profile=flowspec``.
+and registers the hypothesis settings profile ``flowspec`` when the plugin is imported (before
+hypothesis reads ``--hypothesis-profile``): max_examples = 15, no deadline, and no shrinking phase,
+so that a failing check reports its first failing example at once (a check takes a second or two, and
+hypothesis would otherwise spend up to 5 minutes shrinking it). Use it as
+``pytest --hypothesis-profile=flowspec`` or ``@settings(settings.get_profile("flowspec"))``; an
+explicit ``@settings(max_examples=...)`` keeps the loaded profile's other settings.
 A plugin author's test is then::
 
     from flowspec.testing import check_objective
@@ -24,12 +28,21 @@ from __future__ import annotations
 import pytest
 
 
-def pytest_configure(config) -> None:
+#: the ``flowspec`` profile, with every phase but shrinking
+PROFILE = dict(max_examples=15, deadline=None)
+
+
+def register_profile() -> None:
+    """Register the ``flowspec`` hypothesis profile (a no-op without hypothesis)."""
     try:
-        from hypothesis import settings
+        from hypothesis import Phase, settings
     except ImportError:  # pragma: no cover - hypothesis is in flowspec's test extra
         return
-    settings.register_profile("flowspec", max_examples=15, deadline=None)
+    phases = tuple(p for p in Phase if p.name != "shrink")
+    settings.register_profile("flowspec", phases=phases, **PROFILE)
+
+
+register_profile()
 
 
 @pytest.fixture

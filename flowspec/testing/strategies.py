@@ -4,7 +4,7 @@
     from flowspec.testing import check_objective, strategies as fst
 
     @settings(max_examples=10, deadline=None)
-    @given(oracle=fst.gaussian_oracles())
+    @given(oracle=fst.correlated_gaussian_oracles())
     def test_my_objective(oracle):
         check_objective(MyObjective, oracles=[oracle])
 
@@ -22,6 +22,7 @@ from pydantic import Field
 
 from flowspec.interpolants import Coefficients, Interpolant, InterpolantOptions, Linear, Trig
 from flowspec.testing.oracles import GaussianOracle
+from flowspec.testing.targets import CorrelatedGaussianOracle, MixtureOracle, random_rotation
 
 
 class QuadraticOptions(InterpolantOptions):
@@ -75,7 +76,43 @@ def gaussian_oracles(schedules: st.SearchStrategy[Interpolant] | None = None,
                      targets: st.SearchStrategy[GaussianTarget] | None = None
                      ) -> st.SearchStrategy[GaussianOracle]:
     """:class:`GaussianOracle` for a drawn schedule and Gaussian target (exact velocity and map)."""
-    return st.builds(lambda i, g: g.oracle(i), schedules or interpolants(), targets or gaussian_targets())
+    schedules = interpolants() if schedules is None else schedules
+    targets = gaussian_targets() if targets is None else targets
+    return st.builds(lambda i, g: g.oracle(i), schedules, targets)
+
+
+def correlated_gaussian_oracles(schedules: st.SearchStrategy[Interpolant] | None = None,
+                                dims: st.SearchStrategy[int] = st.integers(3, 4)
+                                ) -> st.SearchStrategy[CorrelatedGaussianOracle]:
+    """Full-covariance Gaussian targets with an anisotropic base (a flow map that mixes coordinates,
+    Jacobian not symmetric): D >= 3, mu in [-2, 2]^D, base scales c in [0.4, 2]^D, data stds along
+    the whitened axes in [0.3, 2]^D, a rotation drawn from a seed."""
+    schedules = interpolants() if schedules is None else schedules
+
+    def build(d: int):
+        vec = lambda lo, hi: st.lists(st.floats(lo, hi), min_size=d, max_size=d)  # noqa: E731
+        return st.builds(lambda i, mu, c, sig, seed: CorrelatedGaussianOracle(
+            i, mu, c, random_rotation(d, torch.Generator().manual_seed(seed)), sig),
+            schedules, vec(-2.0, 2.0), vec(0.4, 2.0), vec(0.3, 2.0), st.integers(0, 2 ** 31 - 1))
+
+    return dims.flatmap(build)
+
+
+def mixture_oracles(schedules: st.SearchStrategy[Interpolant] | None = None,
+                    dims: st.SearchStrategy[int] = st.integers(2, 3)) -> st.SearchStrategy[MixtureOracle]:
+    """Gaussian mixtures of 2 or 3 components (weights >= 0.1, means in [-2, 2]^D, stds in
+    [0.3, 1.5]) with base scales c in [0.5, 1.5]^D: exact velocity, float64 ODE ground truth."""
+    schedules = interpolants() if schedules is None else schedules
+
+    def build(d: int):
+        def make(i, k, raw_w, means, stds, c):
+            w = torch.tensor(raw_w[:k], dtype=torch.float64)
+            return MixtureOracle(i, w / w.sum(), [m[:d] for m in means[:k]], stds[:k], c[:d])
+        vec = lambda lo, hi, m: st.lists(st.floats(lo, hi), min_size=m, max_size=m)  # noqa: E731
+        return st.builds(make, schedules, st.integers(2, 3), vec(0.1, 1.0, 3),
+                         st.lists(vec(-2.0, 2.0, d), min_size=3, max_size=3), vec(0.3, 1.5, 3), vec(0.5, 1.5, d))
+
+    return dims.flatmap(build)
 
 
 _EDGE_KINDS = ("interior", "diagonal", "from_zero", "to_one", "full", "near_diagonal")
@@ -115,5 +152,5 @@ def batch_shapes(max_batch: int = 8, shapes: tuple[tuple[int, ...], ...] = ((1,)
     return st.tuples(st.integers(1, max_batch), st.sampled_from(shapes)).map(lambda bs: (bs[0], *bs[1]))
 
 
-__all__ = ["GaussianTarget", "Quadratic", "batch_shapes", "gaussian_oracles", "gaussian_targets",
-           "interpolants", "time_pair", "time_pairs"]
+__all__ = ["GaussianTarget", "Quadratic", "batch_shapes", "correlated_gaussian_oracles", "gaussian_oracles",
+           "gaussian_targets", "interpolants", "mixture_oracles", "time_pair", "time_pairs"]

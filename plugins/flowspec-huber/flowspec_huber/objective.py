@@ -29,6 +29,8 @@ class HuberLagrangian(Lagrangian):
 
     Options = HuberLagrangianOptions
     characterization = "lagrangian_huber"
+    formula = ("x = I_s; (X, dX/dt) = jvp(t -> X_{s,t}(x), tangent 1); r = dX/dt - sg(b-hat_t(sg(X)))\n"
+               "per-sample loss sqrt(|r|^2 + c^2) - c, c = huber_c; gradient only through dX/dt")
     targets = ("self", "teacher")
     cost = (1, 1)
 
