@@ -242,7 +242,9 @@ def test_a_double_ctrl_c_is_one_line_and_exit_130(tiny_spec, tmp_path, wait_for_
     proc = subprocess.Popen([sys.executable, "-m", "flowspec", "run", tiny_spec(), "--out", run_dir,
                              "--set", "train.steps=1000000", "--set", "network.width=256"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # as from a terminal (a background job inherits SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if wait_for_training:  # a second Ctrl-C in the middle of training
         deadline = time.monotonic() + 120
         while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
