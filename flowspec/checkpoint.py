@@ -235,9 +235,12 @@ def pointer(ckpt_dir: Path) -> str | None:
     return stem if STEM.match(stem) else None
 
 
-def restore(graph, ckpt: Checkpoint) -> None:
-    """Load a verified checkpoint into a freshly compiled graph (see :func:`trainstate.apply`);
-    :class:`Refused` for another process count or another teacher."""
+def restore(graph, ckpt: Checkpoint | Path) -> None:
+    """Load a verified checkpoint (or the checkpoint file at a path, read and verified here) into a
+    freshly compiled graph (see :func:`trainstate.apply`); :class:`Refused` for another process
+    count or another teacher."""
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = read(Path(ckpt), size_limit(graph.model))
     state, where = ckpt.state, ckpt.path
     world = state.get("world_size", 1)
     if world != graph.dist.world_size:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from flowspec.errors import UserError
 from flowspec.registry import Registry, default_registry
+from flowspec.spec import cut, short
 
 #: bytes per value of each precision's weights and data
 ITEM = {"float32": 4, "bf16": 4, "float64": 8}
@@ -27,17 +28,6 @@ COPIES = 5
 #: values held per sample and data dimension during a step, at the least (x0, x1, x_t, outputs,
 #: targets, tangents, gradients)
 PER_SAMPLE = 16
-
-
-def short(value: Any, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def cut(text: str, limit: int = 80) -> str:
-    """``text`` cut to ``limit`` characters."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def gib(n: float) -> str:

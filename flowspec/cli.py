@@ -333,6 +333,10 @@ def main() -> None:
             raise
         warn(f"flowspec: internal error: {type(exc).__name__}: {exc} (set FLOWSPEC_DEBUG=1 for the traceback)")
         sys.exit(1)
+    finally:  # a command run in this process again (tests) starts afresh
+        teachers = sys.modules.get("flowspec.teachers")
+        if teachers is not None:
+            teachers.own_run[0] = None
 
 
 if __name__ == "__main__":

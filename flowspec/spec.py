@@ -174,7 +174,7 @@ def apply_overrides(data: dict, overrides: Sequence[str]) -> dict:
         for part in path[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"--set {'.'.join(path)}: {part} is not a table")
+                raise UserError(f"--set {cut('.'.join(path))}: {cut(part, 40)} is not a table")
         node[path[-1]] = value
     return data
 

@@ -162,8 +162,8 @@ def test_nproc_bad_input_is_one_line_before_any_process_starts(tmp_path):
     # a rank fails: its one line (torchrun may stop the other rank before it prints), then one summary
     spec = tmp_path / "mnist.toml"
     spec.write_text((SPECS / "digits-lsd.toml").read_text().replace('kind = "digits"', 'kind = "mnist"'))
-    r = _run(["run", str(spec), "--nproc", "2", "--set", f'data.root="{tmp_path}"', "--out", str(tmp_path / "m")],
-             tmp_path)
+    r = _run(["run", str(spec), "--nproc", "2", "--set", f'data.root="{tmp_path}"', "--set", 'eval.metrics=["energy"]',
+              "--out", str(tmp_path / "m")], tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = [line for line in r.stderr.splitlines() if f"{spec}: data.root: MNIST" in line]
     assert lines and all(line.startswith(str(spec)) and line.endswith("or set data.root to its folder)")

@@ -10,6 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from flowspec import checkpoint, runfolder
 from flowspec.compile import compile_spec
@@ -242,7 +243,9 @@ def test_a_double_ctrl_c_is_one_line_and_exit_130(tiny_spec, tmp_path, wait_for_
     proc = subprocess.Popen([sys.executable, "-m", "flowspec", "run", tiny_spec(), "--out", run_dir,
                              "--set", "train.steps=1000000", "--set", "network.width=256"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            # as from a terminal (a background job inherits SIGINT ignored)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     if wait_for_training:  # a second Ctrl-C in the middle of training
         deadline = time.monotonic() + 120
         while not (run_dir / "metrics.jsonl").exists() and time.monotonic() < deadline:
@@ -262,3 +265,49 @@ def test_a_double_ctrl_c_is_one_line_and_exit_130(tiny_spec, tmp_path, wait_for_
         assert len(lines) == 2, err  # the run's first line, then one line
     else:
         assert len(lines) <= 2, err
+
+
+def test_a_kill_storm_right_after_checkpoints_resumes_bit_identical(tmp_path):
+    """kill -9 a few milliseconds after each of several checkpoint commits (the moments a two-file
+    checkpoint could be left half-written), resume each time: the end is the uninterrupted run."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from tests.test_resume import LONG, training_records
+
+    steps = 16
+    spec = tmp_path / "long.toml"
+    spec.write_text(LONG.format(steps=steps).replace("checkpoint_every = 2", "checkpoint_every = 1"))
+    reference, run_dir = tmp_path / "reference", tmp_path / "killed"
+    reference.mkdir()
+    train(compile_spec(load_spec(spec)), reference)
+
+    def start(*args):
+        return subprocess.Popen([sys.executable, "-m", "flowspec", "run", *map(str, args)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def newest():
+        return checkpoint.stems(run_dir / "checkpoints")[:1]
+
+    rng, proc, kills = random.Random(3), start(spec, "--out", run_dir), 0
+    while kills < 3:
+        seen, deadline = newest(), time.monotonic() + 120
+        while newest() == seen and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(rng.uniform(0, 0.01))
+        if proc.poll() is not None:
+            break
+        proc.kill()
+        proc.wait()
+        kills += 1
+        proc = start("--resume", run_dir)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()[-2000:]
+    assert kills == 3
+    name = f"step-{steps:08d}.safetensors"
+    a, b = load_file(str(run_dir / "checkpoints" / name)), load_file(str(reference / "checkpoints" / name))
+    assert a.keys() == b.keys() and [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert training_records(run_dir) == training_records(reference)
