@@ -155,7 +155,7 @@ CORPUS = [
      "eval.steps: list should have at least 1 item after validation, not 0"),
     ("zero batch", ("batch_size = 64", "batch_size = 0"), "train.batch_size: must be greater than or equal to 1 (got 0)"),
     ("unknown key", ("[train]", "[train]\nlearning_rate = 1"), "train.learning_rate: unknown key (valid: steps, "
-     "batch_size, optimizer, lr, schedule, warmup_steps, decay_start, grad_clip, ema, seed, device, "
+     "batch_size, optimizer, lr, schedule, warmup_steps, decay_start, grad_clip, ema, ema_schedule, seed, device, "
      "checkpoint_every, log_every, keep_checkpoints, precision, compile, nonfinite)"),
     ("unknown dataset", ('kind = "checkerboard"', 'kind = "checkerbord"'),
      "data.kind: unknown name 'checkerbord' (known: checkerboard, cifar10, digits, eight_gaussians, gaussian, gmm, image_folder, mnist, moons)"),
