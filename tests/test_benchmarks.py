@@ -87,3 +87,23 @@ def test_verify_kl_matches_flowspec_metric():
         assert verify.kl(x.numpy()) == pytest.approx(HistogramKL()(x, data, g), abs=1e-9)
     p, _ = verify.cell_masses()
     assert p.sum() == pytest.approx(1.0)
+
+
+def test_quality_protocol_and_method_seeds():
+    assert quality.parse_method_seeds("lsd=2, esd=1") == {"lsd": 2, "esd": 1}
+    p = quality.PROTOCOLS["paper-cpu"]
+    assert (p["steps"], p["batch"], p["num_samples"], quality.parse_method_seeds(p["method_seeds"])) == \
+        (3000, 4096, 64_000, {"lsd": 2})
+
+
+def test_ablation_rows_are_one_line_changes_of_the_shipped_spec(tmp_path):
+    from benchmarks import ablation
+
+    out = tmp_path / "ablation.json"
+    rows = ablation.main(["--steps", "3", "--batch", "32", "--num-samples", "300", "--seeds", "1",
+                          "--only", "shipped,depth 4", "--out", str(out)])
+    assert list(rows) == ["shipped", "depth 4"]
+    assert rows["depth 4"]["set"] == "--set network.depth=4" and not rows["depth 4"]["same_as_shipped"]
+    assert all(v > 0 for v in rows["shipped"]["mean"].values())
+    lines = report.ablation_section("ablation", read(out))
+    assert any(line.startswith("| depth 4 | `--set network.depth=4` |") for line in lines)
