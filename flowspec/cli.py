@@ -207,7 +207,7 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
         + (f", v = {g.model.scale:g} net(x / {g.model.scale:g}, s, t)" if g.model.scale != 1.0 else ""),
         f"  device            {g.device}",
         f"  optimizer         {s.train.optimizer}, lr {s.train.lr} ({s.train.schedule}), clip {s.train.grad_clip}, "
-        f"EMA {s.train.ema}, {s.train.steps} steps of batch {s.train.batch_size}",
+        f"EMA {s.train.ema} ({s.train.ema_schedule}), {s.train.steps} steps of batch {s.train.batch_size}",
         f"  cost per step     ((1 - eta) c_D + eta) B with c_D = {obj.cost_formula()}, C = 1.5: "
         f"~{obj.step_cost() * s.train.batch_size:,.0f} forward passes ({obj.step_cost():.2f} x flow matching)"
         + (f"\n                    {escape(obj.teacher_cost())} per off-diagonal sample"
