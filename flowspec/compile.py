@@ -78,7 +78,7 @@ class EMA:
       of the iterates weighted by decay^(k - j) and normalised, exactly (the init gets weight 0).
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float, schedule: str = "plain"):
+    def __init__(self, model: torch.nn.Module, decay: float, schedule: str = "warmup"):
         self.decay, self.schedule = decay, schedule
         self.model = copy.deepcopy(model).requires_grad_(False).eval()
         self.updates = 0

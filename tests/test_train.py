@@ -32,13 +32,25 @@ def test_cpu_runs_are_bit_reproducible(tiny_spec, characterization):
     assert not all(torch.equal(x, y) for x, y in zip(weights(a).values(), weights(c).values()))
 
 
-def test_training_reduces_the_loss(tiny_spec):
-    g = compile_spec(load_spec(tiny_spec("lagrangian"), ["train.batch_size=256"]))
-    first = sum(g.step().loss.item() for _ in range(5)) / 5
+def test_training_moves_the_diagonal_toward_the_exact_velocity(tiny_spec):
+    """The loss itself is mostly the conditional variance of dI/dt (its floor): measure instead the
+    diagonal's error against the checkerboard's closed-form velocity, on fixed points."""
+    g = compile_spec(load_spec(tiny_spec("lagrangian"), ["train.batch_size=256", 'train.optimizer="adam"',
+                                                         "train.lr=3e-3"]))
+    gen = torch.Generator().manual_seed(0)
+    x1 = g.dataset.sample(2000, gen)
+    x0 = torch.randn(2000, 2, generator=gen) * g.base.scale
+    t = torch.rand(2000, generator=gen)
+    xt, _ = g.interpolant.interpolate(t, x0, x1)
+
+    def error() -> float:
+        with torch.no_grad():
+            return float((g.model.velocity(t, xt) - g.exact.velocity(t, xt)).pow(2).sum(1).mean())
+
+    before = error()
     for _ in range(60):
         g.step()
-    last = sum(g.step().loss.item() for _ in range(5)) / 5
-    assert last < 0.9 * first  # toward the flow-matching floor (the conditional variance)
+    assert error() < 0.5 * before
 
 
 def test_ema_warms_up():
