@@ -209,12 +209,15 @@ def test_ranks_end_with_a_killed_launcher_and_another_process_count_is_refused(t
     launcher.wait()
 
     def alive(pid: int) -> bool:
+        """False once the process has ended: gone, or a zombie whose other threads have ended too
+        (the leader of a threaded process turns zombie first; its files, the run folder's lock
+        among them, close when the last thread ends)."""
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/stat") as f:
+                zombie = f.read().split(")")[-1].split()[0] == "Z"
+            return not zombie or len(os.listdir(f"/proc/{pid}/task")) > 1
+        except (FileNotFoundError, ProcessLookupError):
             return False
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"  # a zombie has ended
 
     deadline = time.monotonic() + 60
     while any(alive(p) for p in ranks) and time.monotonic() < deadline:
