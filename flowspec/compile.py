@@ -23,10 +23,10 @@ from flowspec.data.base import Dataset
 from flowspec.errors import UserError
 from flowspec.flowmap import FlowMap
 from flowspec.interpolants import GaussianBase, Interpolant
-from flowspec.objectives.base import Batch, LossOutput, Objective
+from flowspec.objectives.base import Batch, LossOutput, Objective, Teacher
 from flowspec.registry import Registry, default_registry
 from flowspec.data.analytic import exact_velocity
-from flowspec.teachers import SelfTeacher, Teacher, load_run_teacher
+from flowspec.teachers import SelfTeacher, load_run_teacher
 
 
 #: train.precision -> the dtype of the weights and the data (bf16 autocasts float32 weights)

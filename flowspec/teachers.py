@@ -3,25 +3,17 @@
 A teacher also offers a map velocity ``v(s, t, x)`` = (X_{s,t}(x) - x) / (t - s): the model's own map
 for self-distillation, and for a frozen teacher its ODE xdot = b_t(x) integrated over [s, t]
 (flowspec.ode.map_velocity; the progressive objectives integrate with their own teacher_* options).
-Teachers are always evaluated under stop-gradient.
+Teachers are always evaluated under stop-gradient. The protocol they meet,
+:class:`flowspec.objectives.base.Teacher`, lives beside the objectives that call it.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Protocol, runtime_checkable
+from typing import Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
-
-
-@runtime_checkable
-class Teacher(Protocol):
-    def velocity(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """b-hat_t(x) for t of shape (B,) and x of shape (B, ...)."""
-
-    def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Map velocity v_{s,t}(x) of the teacher's flow map."""
 
 
 class SelfTeacher:

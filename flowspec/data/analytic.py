@@ -58,7 +58,7 @@ def _log_phi(z: torch.Tensor) -> torch.Tensor:
 
 
 class ExactVelocity:
-    """b_t(x) of a known target; a :class:`flowspec.teachers.Teacher` (its map: its ODE, integrated).
+    """b_t(x) of a known target; a :class:`flowspec.objectives.base.Teacher` (its map: its ODE, integrated).
 
     Args:
         interpolant: any Interpolant (``coefficients`` is used).

@@ -13,7 +13,7 @@ is uniform on the upper triangle s < t (two uniforms, s = min, t = max). A subcl
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Protocol, runtime_checkable
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,9 +21,20 @@ from pydantic import BaseModel, ConfigDict, Field
 from flowspec.flowmap import FlowMap
 from flowspec.interpolants import Interpolant
 from flowspec.jvp import Strategy
-from flowspec.teachers import Teacher
 
 Target = Literal["self", "teacher", "conditional"]
+
+
+@runtime_checkable
+class Teacher(Protocol):
+    """A distillation target b-hat (flowspec.teachers): the model's own diagonal, a closed-form
+    velocity, or a frozen run. Objectives call it under stop-gradient."""
+
+    def velocity(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """b-hat_t(x) for t of shape (B,) and x of shape (B, ...)."""
+
+    def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Map velocity v_{s,t}(x) of the teacher's flow map."""
 
 
 class ObjectiveOptions(BaseModel):
