@@ -23,7 +23,8 @@ from flowspec.objectives.eulerian import Eulerian
 from flowspec.objectives.flow_matching import FlowMatching
 from flowspec.objectives.lagrangian import Lagrangian
 from flowspec.objectives.progressive import Progressive
-from flowspec.teachers import SelfTeacher, Teacher
+from flowspec.objectives.base import Teacher
+from flowspec.teachers import SelfTeacher
 from flowspec.testing import ExactFlowMap, GaussianOracle
 
 F64 = torch.float64
