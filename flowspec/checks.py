@@ -19,7 +19,7 @@ from pydantic import ValidationError
 
 from flowspec.errors import UserError
 from flowspec.registry import Registry, default_registry
-from flowspec.spec import cut, short
+from flowspec.errors import cut, short
 
 #: bytes per value of each precision's weights and data
 ITEM = {"float32": 4, "bf16": 4, "float64": 8}

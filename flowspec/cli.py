@@ -284,7 +284,8 @@ def plugins() -> None:
 @app.command()
 def schema(markdown: bool = typer.Option(False, "--markdown", help="the spec reference (docs/spec.md) instead")) -> None:
     """Print the JSON schema of the spec (for editors)."""
-    from flowspec.spec import reference, spec_model
+    from flowspec.spec import spec_model
+    from flowspec.spec.reference import reference
 
     print(reference() if markdown else json.dumps(spec_model().model_json_schema(), indent=1), end="")
 

@@ -9,10 +9,8 @@ Teachers are always evaluated under stop-gradient. The protocol they meet,
 
 from __future__ import annotations
 
-from typing import Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 
@@ -54,26 +52,6 @@ class VelocityTeacher:
         from flowspec.ode import map_velocity
 
         return map_velocity(self.velocity, s, t, x)[0]
-
-
-class TeacherOptions(BaseModel):
-    """``[teacher]``: the frozen velocity of target = "teacher" (and of ``[eval] ode`` rows with
-    velocity = "teacher")."""
-
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["analytic", "run"] = Field(
-        ..., description='analytic: the exact velocity of the spec\'s own dataset; run: the EMA diagonal '
-        'v_{t,t} of a flowspec run folder')
-    path: Optional[str] = Field(None, description='kind = "run": the run folder (its spec.toml and newest good '
-                                                  'checkpoint are read), relative to the spec file\'s folder')
-
-    @model_validator(mode="after")
-    def _check_path(self) -> "TeacherOptions":
-        if self.kind == "run" and not self.path:
-            raise ValueError('kind = "run" needs path = "RUN_FOLDER"')
-        if self.kind == "analytic" and self.path:
-            raise ValueError('path is only read with kind = "run"')
-        return self
 
 
 class FlowMapTeacher:

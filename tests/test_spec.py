@@ -101,7 +101,7 @@ def test_docs_spec_reference_is_generated_from_the_models():
     from pathlib import Path
 
     from flowspec.registry import Registry
-    from flowspec.spec import reference
+    from flowspec.spec.reference import reference
 
     doc = Path(__file__).resolve().parents[1] / "docs" / "spec.md"
     assert doc.read_text() == reference(Registry(builtins_only=True)), (

@@ -8,10 +8,10 @@ from typing import Any, Mapping
 
 from pydantic import ValidationError
 
-from flowspec.errors import UserError
+from flowspec.errors import UserError, cut, short
 from flowspec.ode import ODEOptions
 from flowspec.registry import Registry, discriminator
-from flowspec.spec import COMPONENT_SECTIONS, DEFAULT_KINDS, component_model, cut, short, spec_model
+from flowspec.spec.models import COMPONENT_SECTIONS, DEFAULT_KINDS, TeacherOptions, component_model, spec_model
 
 
 def _valid_keys(loc: tuple, data: Mapping[str, Any], registry: Registry) -> list[str]:
@@ -31,8 +31,6 @@ def _valid_keys(loc: tuple, data: Mapping[str, Any], registry: Registry) -> list
     if section in ("train", "eval") and len(loc) == 1:
         return list(model.model_fields[section].annotation.model_fields)
     if section == "teacher" and len(loc) == 1:
-        from flowspec.teachers import TeacherOptions
-
         return list(TeacherOptions.model_fields)
     if section == "eval" and len(loc) == 3 and loc[1] == "ode":
         return list(ODEOptions.model_fields)

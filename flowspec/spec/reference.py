@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from flowspec.ode import ODEOptions
 from flowspec.registry import Registry, default_registry, discriminator
-from flowspec.spec import COMPONENT_SECTIONS, DEFAULT_KINDS, component_model, spec_model
+from flowspec.spec.models import COMPONENT_SECTIONS, DEFAULT_KINDS, TeacherOptions, component_model, spec_model
 
 
 def _type_name(ann: Any) -> str:
@@ -59,8 +59,6 @@ def reference(registry: Registry | None = None) -> str:
             comp = registry.components(group)[name]
             out += [f"### {key} = \"{name}\"", "", f"{doc} ({comp.distribution})", "",
                     *_table(component_model(registry, group, name), (key,)), ""]
-    from flowspec.teachers import TeacherOptions
-
     out += ["", "## [teacher]", "", "Optional; required when `objective.target = \"teacher\"`.", "",
             *_table(TeacherOptions)]
     for section in ("train", "eval"):
