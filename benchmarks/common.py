@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from flowspec.compile import resolve_device  # noqa: F401  (re-exported: the benchmarks take flowspec's device names)
+from flowspec.distributed import resolve_device  # noqa: F401  (re-exported: the benchmarks take flowspec's device names)
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"

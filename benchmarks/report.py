@@ -59,7 +59,7 @@ def step_cost_section(name: str, r: dict) -> list[str]:
     lines += provenance(r)
     lines += [f"{c['reps']} interleaved rounds of {c['inner']} steps per method (after {c['warmup']} warm-up "
               "steps); ratio = median over rounds of (method / flow matching) in the same round, with the "
-              "interquartile range. \"step\" is `TrainingGraph.step()` (batch, loss, backward, clip, RAdam, "
+              "interquartile range. \"step\" is `flowspec.engine.step(graph)` (batch, loss, backward, clip, RAdam, "
               "EMA); \"loss + backward\" leaves out clip, optimizer and EMA. Cost model: MATH.md's "
               f"(1 - eta) c_D + eta, with C = 1.5 and with C measured here = {cm['median']:.2f} "
               f"[{cm['p25']:.2f}, {cm['p75']:.2f}] (a jvp in t over a forward of X, no gradients). FLOP ratio: the "

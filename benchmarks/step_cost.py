@@ -1,7 +1,7 @@
 """Step cost: milliseconds per training step of each objective against a flow-matching step.
 
 Every method is compiled from its spec in specs/ with the same network (the paper's 4 x 512 GELU MLP),
-batch, optimizer, clipping and EMA, and timed through ``TrainingGraph.step()`` (sampling the batch,
+batch, optimizer, clipping and EMA, and timed through ``flowspec.engine.step(graph)`` (sampling the batch,
 loss, backward, clip, optimizer, EMA: what ``flowspec run`` executes). The methods run interleaved in
 one process (rounds of ``--inner`` steps each, order rotated every round); the reported ratio is the
 median over rounds of (method ms / flow-matching ms) in the same round, with its interquartile range.
@@ -23,6 +23,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.common import (METHOD_LABELS, compile_method, default_out, interleaved, print_table, ratios,
                                resolve_device, setup_threads, summary, write_result)
 from flowspec.jvp import jvp
+from flowspec import engine
 
 #: the issue's targets at the paper's 4 x 512 MLP, batch 4096, eta = 0.75 (ratio to a flow-matching step)
 TARGETS = {"lsd": 1.45, "esd": 1.45, "esd-none": 1.45, "psd-u": 1.25, "psd-m": 1.25}
@@ -32,7 +33,7 @@ def loss_backward(graph):
     """The objective's share of a step: loss and backward only (no optimizer, clipping or EMA)."""
     def run():
         graph.model.zero_grad(set_to_none=True)
-        out = graph.objective(graph.model, graph.interpolant, graph.teacher, graph.batch(graph.spec.train.batch_size))
+        out = graph.objective(graph.model, graph.interpolant, graph.teacher, engine.draw_batch(graph, graph.spec.train.batch_size))
         out.loss.backward()
     return run
 
@@ -48,7 +49,7 @@ def count_flops(graph) -> int:
 def measure_c(graph, device, reps: int, inner: int, warmup: int) -> dict:
     """C: a jvp in t of X_{s,t}(x) over a forward of X, no gradients, same network and batch."""
     b = graph.spec.train.batch_size
-    batch = graph.batch(b)
+    batch = engine.draw_batch(graph, b)
     s = torch.rand(b, device=device) * 0.5
     t = s + 0.5
     model = graph.model

@@ -25,7 +25,8 @@ if _sys.argv[:1] == ["-m"] or _os.path.basename(_sys.argv[0] if _sys.argv else "
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
         _signal.signal(_signal.SIGINT, _interrupted_while_loading)
 
-from flowspec.compile import TrainingGraph, compile_spec
+from flowspec.compile import compile_spec
+from flowspec.engine import TrainingGraph
 from flowspec.flowmap import FlowMap
 from flowspec.spec import load_spec
 from flowspec.train import resume, train

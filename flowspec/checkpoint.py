@@ -38,6 +38,8 @@ TEMPORARY = re.compile(r"^\.(step-\d+\.(json|safetensors)|latest|spec\.toml|metr
                        r"|environment\.json|[^/]+\.(npy|png))\.[A-Za-z0-9_]{8}$")
 #: safetensors refuses larger headers itself
 HEADER_LIMIT = 100 << 20
+#: the size limit of a checkpoint whose network's size is unknown before reading
+UNBOUNDED = 1 << 40
 
 
 class Refused(UserError):
@@ -178,7 +180,7 @@ def newest(run_dir: Path, warn: Callable[[str], None] | None, limit: int, run: s
     raise UserError(f"{run_dir}: no complete checkpoint found in {ckpt_dir}", exit_code=1)
 
 
-def latest(run_dir: Path, warn: Callable[[str], None] | None = None, limit: int = 1 << 40) -> Path:
+def latest(run_dir: Path, warn: Callable[[str], None] | None = None, limit: int = UNBOUNDED) -> Path:
     """Path of the newest good checkpoint (see :func:`newest`)."""
     return newest(run_dir, warn, limit).path
 
@@ -256,6 +258,6 @@ def restore(graph, ckpt: Checkpoint | Path) -> None:
     trainstate.apply(graph, ckpt.tensors, state, where)
 
 
-def load_tensors(path: Path, limit: int = 1 << 40) -> dict[str, torch.Tensor]:
+def load_tensors(path: Path, limit: int = UNBOUNDED) -> dict[str, torch.Tensor]:
     """The tensors of one verified checkpoint file (see :func:`read`)."""
     return read(path, limit).tensors

@@ -17,9 +17,11 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from flowspec.errors import UserError
+from flowspec import distributed, runfolder
+from flowspec.build import build, dataset_facts
+from flowspec.errors import UserError, cut, short
 from flowspec.registry import Registry, default_registry
-from flowspec.errors import cut, short
+from flowspec.runs import RunFolder
 
 #: bytes per value of each precision's weights and data
 ITEM = {"float32": 4, "bf16": 4, "float64": 8}
@@ -46,21 +48,6 @@ def memory(device: str) -> tuple[int, str] | None:
         return None
 
 
-def dataset_facts(spec, registry: Registry):
-    """A dataset object for checks: built when cheap (toy data), else an unloaded stand-in of an
-    image dataset whose ``shape`` is its class's ``known_shape`` (None: unknown until read)."""
-    from flowspec.compile import build
-    from flowspec.data.images import ImageDataset
-
-    cls = registry.get("datasets", spec.data.kind)
-    if issubclass(cls, ImageDataset):
-        stub = cls.__new__(cls)
-        stub.options = cls.Options(**spec.data.model_dump(include=set(cls.Options.model_fields)))
-        stub.shape = cls.known_shape
-        return stub, False
-    return build(registry, "datasets", spec.data), True
-
-
 def _largest_option(options) -> tuple[str, Any]:
     """The network option with the largest integer value (the likely cause of a huge network)."""
     ints = [(k, v) for k, v in options.model_dump().items() if isinstance(v, int) and not isinstance(v, bool)]
@@ -68,8 +55,6 @@ def _largest_option(options) -> tuple[str, Any]:
 
 
 def check_network(spec, registry: Registry, shape, lines: list[str]) -> None:
-    from flowspec.compile import build
-
     o = spec.train
     try:
         with torch.device("meta"):
@@ -114,15 +99,13 @@ def check_sizes(spec, shape, lines: list[str]) -> None:
 
 def check_teacher(path: str, shape, chain: list[Path], lines: list[str]) -> None:
     """A teacher run: a run folder with a checkpoint, not this run, no cycle, the same data shape."""
-    from flowspec import checkpoint, teachers
-    from flowspec.spec import load_spec
-
-    run = Path(path)
-    if not (run / "spec.toml").is_file():
-        lines.append(f"teacher.path: {path}: not a run folder (no spec.toml)")
+    try:
+        run = RunFolder(path, label="teacher.path: ")
+    except UserError as exc:
+        lines += exc.lines
         return
-    key = run.resolve()
-    own = teachers.own_run[0]
+    key = run.path.resolve()
+    own = runfolder.own_run[0]
     if own is not None and key == Path(own).resolve():
         lines.append(f"teacher.path: {path}: is this run's own folder (a run cannot teach itself)")
         return
@@ -130,10 +113,10 @@ def check_teacher(path: str, shape, chain: list[Path], lines: list[str]) -> None
         cycle = " -> ".join(str(p) for p in chain[chain.index(key):] + [key])
         lines.append(f"teacher.path: {path}: the teacher runs form a cycle ({cycle})")
         return
-    if not checkpoint.stems(run / "checkpoints"):
+    if not run.steps():
         lines.append(f"teacher.path: {path}: the run has no checkpoint yet")
     try:
-        spec = load_spec(run / "spec.toml")
+        spec = run.spec
         facts, _ = dataset_facts(spec, default_registry())
     except UserError as exc:
         lines.append(f"teacher.path: {path}: its spec is not valid ({cut(exc.lines[0], 160)})")
@@ -195,13 +178,12 @@ def check_scale(spec, dataset, lines: list[str]) -> None:
 def check_spec(spec, registry: Registry | None = None) -> list[str]:
     """Every mistake compiling ``spec`` would meet, one line each (``dotted.key: what is wrong``),
     found without allocating the network, the data or a teacher's weights."""
-    from flowspec.compile import build, resolve_device
     from flowspec.data.analytic import exact_velocity
 
     registry = registry or default_registry()
     lines: list[str] = []
     try:
-        resolve_device(spec.train.device)
+        distributed.resolve_device(spec.train.device)
     except UserError as exc:
         lines += exc.lines
     try:

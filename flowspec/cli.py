@@ -68,7 +68,8 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this machine: "
                                   "shortcut for torchrun --standalone --nproc_per_node N -m flowspec run ...")) -> None:
     """Train, evaluate and write a run folder (or continue one with --resume)."""
-    from flowspec.train import check_resumable, make_run_dir, refuse_existing, train
+    from flowspec.runs import RunFolder
+    from flowspec.train import make_run_dir, refuse_existing, train
 
     if resume is not None and (out_dir is not None or force):
         raise UserError("run: --resume continues RUN_DIR in place; --out and --force do not apply to it")
@@ -87,7 +88,7 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
 
         if resume is not None:
             s, source, name = resumed_spec(resume, spec, set_)
-            check_resumable(resume, s, name)
+            RunFolder(resume).check_resumable(s, name)
             runfolder.check_free(resume)
             precheck(nproc, s, source, resume)
         else:
@@ -99,10 +100,10 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
     if resume is not None:
         run_resumed(resume, spec, set_)
         return
-    from flowspec import runfolder, teachers
+    from flowspec import runfolder
 
     s = _load(spec, set_)
-    teachers.own_run[0] = out_dir
+    runfolder.own_run[0] = out_dir
     ctx = _join(s)
     if ctx.is_main and out_dir is not None:
         refuse_existing(out_dir, force)  # before compiling: a folder that may not be used is refused at once
@@ -128,20 +129,18 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
 def _join(s):
     """Under torchrun (WORLD_SIZE > 1): join the process group; the context of this process."""
     from flowspec import distributed
-    from flowspec.compile import resolve_device
-
     if not distributed.launched():
         return distributed.current()
-    return distributed.init(resolve_device(s.train.device).type)
+    return distributed.init(distributed.resolve_device(s.train.device).type)
 
 
 def resumed_spec(run_dir: Path, spec: Optional[Path], overrides: Optional[List[str]]):
     """(the spec to continue ``run_dir`` with: ``spec``, or the run's own spec.toml, with ``overrides``;
     the file it came from; its name in messages: that file, or ``--set``, the only way the run's own
     spec can differ from the run's)."""
-    from flowspec.train import run_spec_path
+    from flowspec.runs import RunFolder
 
-    source = spec if spec is not None else run_spec_path(run_dir)
+    source = spec if spec is not None else RunFolder(run_dir).spec_path
     return _load(source, overrides), source, str(spec) if spec is not None else "--set"
 
 
@@ -149,10 +148,10 @@ def run_resumed(run_dir: Path, spec: Optional[Path], overrides: Optional[List[st
     """``run --resume``: the run's own spec (or ``spec``, which must match it but for train.steps)."""
     from flowspec.train import resume, train
 
-    from flowspec import runfolder, teachers
+    from flowspec import runfolder
 
     s, source, name = resumed_spec(run_dir, spec, overrides)
-    teachers.own_run[0] = run_dir
+    runfolder.own_run[0] = run_dir
     ctx = _join(s)
     try:
         graph = resume(run_dir, s, name, warn, compile=lambda spec: _compile(spec, source))
@@ -233,14 +232,13 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
            atol: float = typer.Option(1e-5, "--atol", help="dopri5 absolute tolerance")) -> None:
     """Draw samples from a run's EMA flow map (or, with --solver, from the ODE of its diagonal)."""
 
-    from flowspec.evaluate import base_samples
     from flowspec.evaluate import sample as draw
-    from flowspec.runs import load_run
+    from flowspec.runs import RunFolder
 
-    run = load_run(run_dir, device, warn=warn)
-    g, path = run.graph, run.checkpoint
+    run = RunFolder(run_dir).flow_map(device, warn=warn)
+    x0, path = run.base_samples(n, seed), run.checkpoint
     if solver is None:
-        x = draw(g.sampler(), base_samples(g, n, seed), steps)
+        x = draw(run.flow_map, x0, steps)
         how = f"{steps} step{'s' if steps > 1 else ''}"
     else:
         from typing import get_args
@@ -257,7 +255,7 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
         except ValidationError as exc:
             e = exc.errors()[0]
             raise UserError(f"--{e['loc'][0]}: {e['msg'].lower()} (got {e['input']!r})") from None
-        x, nfe, seconds = ode.sample(g.sampler().eval().velocity, base_samples(g, n, seed), opts)
+        x, nfe, seconds = ode.sample(run.flow_map.velocity, x0, opts)
         how = f"ODE {opts.label()}, NFE {nfe}, {seconds:.2f} s"
     from flowspec.atomic import atomic_npy
 
@@ -335,9 +333,9 @@ def main() -> None:
         warn(f"flowspec: internal error: {type(exc).__name__}: {exc} (set FLOWSPEC_DEBUG=1 for the traceback)")
         sys.exit(1)
     finally:  # a command run in this process again (tests) starts afresh
-        teachers = sys.modules.get("flowspec.teachers")
-        if teachers is not None:
-            teachers.own_run[0] = None
+        runfolder = sys.modules.get("flowspec.runfolder")
+        if runfolder is not None:
+            runfolder.own_run[0] = None
 
 
 if __name__ == "__main__":

@@ -33,6 +33,30 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 
+from flowspec.errors import UserError
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """``train.device`` as a device; with several processes on a machine, CUDA device local_rank
+    (mod the count)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device: 'cuda' requested but no CUDA device is available (valid: auto, cpu)")
+    if name == "cuda":
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device(name)
+
+
+#: rank r's data and training generators are seeded with seed + 1 + r * RANK_STRIDE and
+#: seed + 2 + r * RANK_STRIDE (rank 0 draws what a single process draws)
+RANK_STRIDE = 1_000_003
+
+
+def rank_seeds(seed: int, rank: int) -> tuple[int, int]:
+    """(data seed, training seed) of rank ``rank``."""
+    return seed + 1 + rank * RANK_STRIDE, seed + 2 + rank * RANK_STRIDE
+
 
 @dataclass(frozen=True)
 class Context:

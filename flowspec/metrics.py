@@ -182,7 +182,7 @@ class FID(Metric):
                 "fid needs the Inception weights: download pt_inception-2015-12-05-6726825d.pth (pytorch-fid's "
                 "release), convert it to .safetensors (docs/images-and-gpus.md) and set "
                 "eval.metric_options.fid.weights = \"PATH\"")
-        from flowspec.compile import resolve_device
+        from flowspec.distributed import resolve_device
 
         device = resolve_device(o.device)
         key = ("net", o.weights, str(device))

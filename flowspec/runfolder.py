@@ -32,6 +32,8 @@ TEMPORARY = re.compile(r"^\.[^/]+\.[A-Za-z0-9_]{6,}$")
 MARKERS = ("metrics.jsonl", "checkpoints", "environment.json")
 
 _held: dict[Path, int] = {}  # run folder (resolved) -> the lock file's descriptor
+#: the run folder this process trains in, set by the command line (a teacher run may not be it)
+own_run: list[Path | None] = [None]
 
 
 def foreign_entries(path: Path) -> list[str]:

@@ -1,115 +1,161 @@
-"""Reading a finished (or running) run folder: its resolved spec compiled, its EMA flow map loaded.
+"""A run folder, read: its resolved spec, its verified checkpoints and its EMA flow map.
 
-The one loader behind ``flowspec sample``, ``flowspec check`` and ``[teacher] kind = "run"``: the run
-folder is only read (spec.toml and a checkpoint's tensor file, checksum verified; nothing pickled).
+:class:`RunFolder` is the one reader behind ``flowspec sample``, ``flowspec check``, resuming and
+``[teacher] kind = "run"``. It only reads (spec.toml and checkpoint files, every byte verified,
+nothing pickled), and loading the flow map builds only the network: the data's shape, the map's
+preconditioning c and the base's scale are in the checkpoint (checkpoints written before they
+were are read with the dataset built from the spec instead).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-#: overrides applied to a run's own spec when it is loaded for reading: no evaluation work at compile
-READ_OVERRIDES = ("eval.metrics=[]", "eval.flow_map_error=false", "eval.ode=[]")
+from flowspec import checkpoint, distributed
+from flowspec.build import base_scale, build, build_flow_map, dataset_facts, preconditioning, seeded
+from flowspec.errors import UserError
+from flowspec.flowmap import FlowMap
+from flowspec.registry import default_registry
+from flowspec.spec import load_spec
+from flowspec.spec.models import SpecView
+
+Warn = Callable[[str], None]
 
 
 @dataclass
-class LoadedRun:
-    """A compiled run with its EMA weights: ``graph.ema.model`` is the flow map; ``checkpoint`` the
-    file the weights came from and ``digest`` its verified SHA-256."""
+class LoadedMap:
+    """A run's EMA flow map (eval mode, no gradients) and where it came from.
 
-    graph: object
+    Attributes:
+        flow_map: X_{s,t}, on the requested device.
+        shape: the per-sample data shape.
+        base_scale: c of the base N(0, c^2 I): a 0-d tensor, or one value per data dimension.
+        checkpoint: the file the weights came from; ``digest`` its verified SHA-256.
+    """
+
+    flow_map: FlowMap
+    shape: tuple[int, ...]
+    base_scale: torch.Tensor
     checkpoint: Path
-    digest: str = ""
+    digest: str
+
+    def base_samples(self, n: int, seed: int) -> torch.Tensor:
+        """n base samples x0 (the same for a seed on every device and in every run of this shape)."""
+        z = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed))
+        p = next(self.flow_map.parameters())
+        return (z * self.base_scale.cpu()).to(p.device, p.dtype)
 
 
-def load_run(run_dir: Path | str, device: str = "auto", *, step: int | None = None, label: str = "",
-             warn: Callable[[str], None] | None = None) -> LoadedRun:
-    """Compile ``run_dir/spec.toml`` on ``device`` and load the EMA weights of a checkpoint into
-    ``graph.ema.model``, leaving the global RNG state as it was (compiling seeds it). The checkpoint
-    is the newest good one of this run (:func:`flowspec.checkpoint.newest`: every byte verified, another
-    run's checkpoint copied in skipped), or the one at ``step``.
+def _diff(a: SpecView, b: SpecView, ignore: tuple[str, ...]) -> list[str]:
+    def flat(data: dict, prefix: str = "") -> dict[str, object]:
+        out: dict[str, object] = {}
+        for key, value in data.items():
+            out.update(flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+        return out
+
+    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k) != fb.get(k))
+
+
+class RunFolder:
+    """A flowspec run folder, opened for reading.
 
     Args:
-        run_dir: the run folder.
-        device: train.device for the compiled graph (auto | cpu | cuda).
-        step: the checkpoint's step (default: the newest good one).
+        path: the folder.
         label: prefix of error messages (e.g. "teacher.path: ").
-        warn: where warnings about skipped checkpoints go.
     Raises:
-        UserError: not a run folder, no (such) good checkpoint, weights that do not match the network.
+        UserError: the folder has no spec.toml.
     """
-    from flowspec import checkpoint
-    from flowspec.compile import compile_spec
-    from flowspec.errors import UserError
-    from flowspec.spec import load_spec
 
-    run = Path(run_dir)
-    if not (run / "spec.toml").is_file():
-        raise UserError(f"{label}{run_dir}: not a run folder (no spec.toml)")
-    spec = load_spec(run / "spec.toml", [f"train.device={device}", *READ_OVERRIDES])
-    rng = torch.random.get_rng_state()
-    graph = compile_spec(spec)
-    torch.random.set_rng_state(rng)
-    model = graph.ema.model
-    run_id = checkpoint.spec_id(load_spec(run / "spec.toml"))
-    limit = checkpoint.size_limit(model)
-    if step is None:
-        ckpt = checkpoint.newest(run, warn, limit, run_id,
-                                 accept=lambda c: checkpoint.check_module(model, c.tensors, "ema", c.path))
-    else:
-        path = run / "checkpoints" / f"step-{step:08d}.safetensors"
+    def __init__(self, path: Path | str, label: str = ""):
+        self.path, self.label = Path(path), label
+        if not self.spec_path.is_file():
+            raise UserError(f"{label}{path}: not a run folder (no spec.toml)")
+
+    @property
+    def spec_path(self) -> Path:
+        return self.path / "spec.toml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @cached_property
+    def spec(self) -> SpecView:
+        """The resolved spec the run was trained with."""
+        return load_spec(self.spec_path)
+
+    @property
+    def identity(self) -> str:
+        """The run's identity (its spec but train.steps): a checkpoint of another run is refused."""
+        return checkpoint.spec_id(self.spec)
+
+    def steps(self) -> list[int]:
+        """Steps of the checkpoint files present (newest last), unverified."""
+        return [int(s[5:]) for s in checkpoint.stems(self.checkpoints)]
+
+    def checkpoint(self, limit: int, step: int | None = None, warn: Warn | None = None,
+                   accept: Callable[[checkpoint.Checkpoint], None] | None = None) -> checkpoint.Checkpoint:
+        """The newest good checkpoint (:func:`flowspec.checkpoint.newest`: damaged and foreign ones
+        skipped with a warning; ``accept`` may refuse one), or the one at ``step``; every byte verified.
+
+        Raises:
+            UserError: no (such) good checkpoint.
+        """
+        if step is None:
+            return checkpoint.newest(self.path, warn, limit, self.identity, accept=accept)
+        path = self.checkpoints / f"step-{step:08d}.safetensors"
         if not path.is_file():
-            have = ", ".join(str(int(s[5:])) for s in checkpoint.stems(run / "checkpoints")) or "none"
-            raise UserError(f"{label}{run_dir}: no checkpoint at step {step} (have: {have})", exit_code=1)
-        ckpt = checkpoint.read(path, limit, run_id)
-    checkpoint.load_module(model, ckpt.tensors, "ema", ckpt.path)
-    return LoadedRun(graph, ckpt.path, ckpt.digest)
+            have = ", ".join(str(k) for k in self.steps()) or "none"
+            raise UserError(f"{self.label}{self.path}: no checkpoint at step {step} (have: {have})", exit_code=1)
+        ckpt = checkpoint.read(path, limit, self.identity)
+        if accept is not None:
+            accept(ckpt)
+        return ckpt
 
+    def size_limit(self) -> int:
+        """The most bytes a checkpoint of this run can hold (:func:`flowspec.checkpoint.size_limit`
+        of the spec's network, counted on the meta device), checked before a file is read."""
+        shape = dataset_facts(self.spec, default_registry())[0].shape  # images: the class's known shape
+        if shape is None:
+            return checkpoint.UNBOUNDED
+        with torch.device("meta"):
+            return checkpoint.size_limit(build_flow_map(self.spec, tuple(shape), 1.0))
 
-def reference_velocity(graph) -> tuple[object, str]:
-    """(b(t, x), its name) a run's map is checked against: the dataset's exact velocity, else the
-    [teacher] velocity, else the map's own diagonal v_{t,t} (then only self-consistency is measured)."""
-    if graph.exact is not None:
-        return graph.exact.velocity, "exact"
-    if graph.frozen_teacher is not None and hasattr(graph.frozen_teacher, "velocity"):
-        return graph.frozen_teacher.velocity, "teacher"
-    return graph.sampler().velocity, "own diagonal v_{t,t}"
+    def _geometry(self, ckpt: checkpoint.Checkpoint) -> tuple[tuple[int, ...], float, torch.Tensor]:
+        """(data shape, the map's c, the base's c): from the checkpoint, else from the dataset."""
+        if "flow_map" in ckpt.state and "base.scale" in ckpt.tensors:
+            fm = ckpt.state["flow_map"]
+            return tuple(int(d) for d in fm["shape"]), float(fm["scale"]), ckpt.tensors["base.scale"]
+        spec = self.spec  # a checkpoint written before they were recorded
+        with seeded(spec.train.seed):
+            dataset = build(default_registry(), "datasets", spec.data)
+        return tuple(dataset.shape), preconditioning(spec.network.scale, dataset), base_scale(spec, dataset)
 
+    def flow_map(self, device: str = "auto", step: int | None = None, warn: Warn | None = None) -> LoadedMap:
+        """The EMA flow map of the newest good checkpoint (or of ``step``), frozen, on ``device``.
 
-def spread(values: torch.Tensor) -> dict[str, float]:
-    """mean, std, median, 90th percentile and max of a (N,) tensor, as floats."""
-    v = values.double().cpu()
-    q = torch.quantile(v, torch.tensor([0.5, 0.9], dtype=torch.float64))
-    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(q[0]), "q90": float(q[1]),
-            "max": float(v.max())}
+        Raises:
+            UserError: no (such) good checkpoint, or weights that do not fit the spec's network.
+        """
+        target = distributed.resolve_device(device)
+        ckpt = self.checkpoint(self.size_limit(), step, warn)
+        shape, scale, base = self._geometry(ckpt)
+        with seeded(0):  # the initial weights are overwritten: no draw from the global generator
+            model = build_flow_map(self.spec, shape, scale)
+        checkpoint.load_module(model, ckpt.tensors, "ema", ckpt.path)
+        model = model.to(target).requires_grad_(False).eval()
+        return LoadedMap(model, shape, base.float(), ckpt.path, ckpt.digest)
 
-
-def check_run(run: LoadedRun, n: int = 2000, seed: int = 0) -> dict:
-    """The flow-map conditions of a run's EMA map on n points: x = I_s(x0, x1) with x0 from the run's
-    base and x1 from its data, (s, t) uniform on the triangle s < t, u = (s + t) / 2; per-sample
-    Euclidean norms of the Lagrangian, Eulerian and semigroup residuals
-    (flowspec.testing.flow_map_checks.flow_map_residuals, with the run's jvp strategy), each
-    summarised by :func:`spread`.
-
-    Returns:
-        {"checkpoint", "velocity", "n", "residuals": {condition: spread}, "speed": spread of |b_t(X)|}.
-    """
-    from flowspec.evaluate import base_samples
-    from flowspec.testing.flow_map_checks import CONDITIONS, flow_map_residuals
-
-    graph = run.graph
-    fm = graph.sampler().eval()
-    velocity, source = reference_velocity(graph)
-    g = torch.Generator().manual_seed(seed)
-    x0 = base_samples(graph, n, seed)
-    x1 = graph.dataset.sample(n, g).to(x0)
-    pair = torch.rand(n, 2, generator=g, dtype=torch.float64)
-    s, t = (pair.min(1).values.to(x0), pair.max(1).values.to(x0))
-    xs, _ = graph.interpolant.interpolate(s, x0, x1)
-    res = flow_map_residuals(fm, velocity, s, t, xs, strategy=getattr(graph.objective.options, "jvp", "exact"))
-    return {"checkpoint": str(run.checkpoint), "velocity": source, "n": n,
-            "residuals": {k: spread(res[k]) for k in CONDITIONS}, "speed": spread(res["speed"])}
+    def check_resumable(self, spec: SpecView, source: str) -> None:
+        """An error unless ``spec`` equals the run's spec but for train.steps; ``source`` names where
+        ``spec`` came from."""
+        diff = _diff(self.spec, spec, ignore=("train.steps",))
+        if diff:
+            raise UserError(f"{source}: differs from the run's spec {self.spec_path} in {', '.join(diff)} "
+                            "(only train.steps may change on resume)")

@@ -9,9 +9,15 @@ Teachers are always evaluated under stop-gradient. The protocol they meet,
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
+
+from flowspec import runfolder
+from flowspec.errors import UserError
+from flowspec.runs import RunFolder
 
 
 class SelfTeacher:
@@ -74,52 +80,28 @@ class FlowMapTeacher:
         return map_velocity(self.velocity, s, t, x)[0]
 
 
-#: the run folder this process trains in (a teacher run may not be it), and the teacher runs being
-#: loaded (a teacher whose own teacher leads back is a cycle)
-own_run: list = [None]
-_loading: list = []
-
-
 def load_run_teacher(path: str, device: torch.device, shape: tuple[int, ...]) -> FlowMapTeacher:
-    """The EMA flow map of a run folder, frozen (:func:`flowspec.runs.load_run`: its resolved spec
-    compiled, its newest good checkpoint loaded, every byte verified). The teacher's ``pin`` records
-    the run and the checkpoint's digest (a student's checkpoints keep it, and a resume refuses
-    another teacher).
+    """The EMA flow map of a run folder, frozen (:meth:`flowspec.runs.RunFolder.flow_map`: only its
+    network built, its newest good checkpoint loaded, every byte verified). The teacher's ``pin``
+    records the run and the checkpoint's digest (a student's checkpoints keep it, and a resume
+    refuses another teacher).
+
+    The teacher's own [teacher] is not loaded (its network is all a student needs); a cycle of
+    teacher runs is refused when the spec is checked (flowspec.checks.check_teacher).
 
     Raises:
-        UserError: not a run folder, this run's own folder, a cycle of teachers, no good
-        checkpoint, or a data shape other than ``shape``.
+        UserError: not a run folder, this run's own folder, no good checkpoint, or a data shape
+        other than ``shape``.
     """
-    import sys
-    from pathlib import Path
-
-    from flowspec.errors import UserError
-    from flowspec.runs import load_run
-
-    run = Path(path)
-    if not (run / "spec.toml").is_file():
-        raise UserError(f"teacher.path: {path}: not a run folder (no spec.toml)")
-    key = run.resolve()
-    own = Path(own_run[0]).resolve() if own_run[0] is not None else None
-    if key == own and not _loading:
+    run = RunFolder(path, label="teacher.path: ")
+    key = run.path.resolve()
+    own = runfolder.own_run[0]
+    if own is not None and key == Path(own).resolve():
         raise UserError(f"teacher.path: {path}: is this run's own folder (a run cannot teach itself)")
-    if key in _loading or key == own:
-        start = _loading.index(key) if key in _loading else 0
-        chain = " -> ".join(str(p) for p in ([] if key in _loading else [own]) + _loading[start:] + [key])
-        raise UserError(f"teacher.path: {path}: the teacher runs form a cycle ({chain})")
-
-    def warn(line: str) -> None:
-        sys.stderr.write(f"{line} (teacher)\n")
-
-    _loading.append(key)
-    try:
-        loaded = load_run(run, device.type, label="teacher.path: ", warn=warn)
-    finally:
-        _loading.pop()
-    graph = loaded.graph
-    if tuple(graph.dataset.shape) != tuple(shape):
-        raise UserError(f"teacher.path: {path}: the teacher's data shape {tuple(graph.dataset.shape)} "
+    loaded = run.flow_map(device.type, warn=lambda line: sys.stderr.write(f"{line} (teacher)\n"))
+    if loaded.shape != tuple(shape):
+        raise UserError(f"teacher.path: {path}: the teacher's data shape {loaded.shape} "
                         f"differs from this spec's {tuple(shape)}")
-    teacher = FlowMapTeacher(graph.ema.model.to(device), f"{path} ({loaded.checkpoint.name})")
+    teacher = FlowMapTeacher(loaded.flow_map.to(device), f"{path} ({loaded.checkpoint.name})")
     teacher.pin = {"run": str(key), "checkpoint": loaded.checkpoint.name, "sha256": loaded.digest}
     return teacher

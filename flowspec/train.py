@@ -23,11 +23,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flowspec import atomic, checkpoint, distributed, runfolder
-from flowspec.compile import TrainingGraph
+from flowspec import atomic, checkpoint, distributed, engine, runfolder
+from flowspec.engine import TrainingGraph
 from flowspec.errors import UserError
 from flowspec.evaluate import evaluate, evaluate_baselines
 from flowspec.runfolder import make as make_run_dir, refuse_existing  # noqa: F401 (the CLI's names)
+from flowspec.runs import RunFolder
 from flowspec.spec import to_toml
 
 
@@ -145,6 +146,8 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
     if not main:
         console = Console(stderr=True, quiet=True)
     log = None
+    if graph.step_count == 0:  # what components draw from the global generators (dropout) starts from the seed
+        engine.seed_globals(o.seed)
     if main:
         checkpoint.atomic_text(run_dir / "spec.toml", to_toml(spec))
         if not resumed or not (run_dir / "environment.json").exists():
@@ -180,7 +183,7 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
             window_start, window_steps, t0 = time.perf_counter(), 0, time.perf_counter()
             last_line = t0  # without a terminal (batch jobs, CI): a plain line every 30 s instead of the bar
             while graph.step_count < o.steps:
-                out = graph.step()
+                out = engine.step(graph)
                 window_steps += 1
                 k = graph.step_count
                 if graph.last_fault is not None:
@@ -248,42 +251,6 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
     return results
 
 
-def _flatten(data: dict, prefix: str = "") -> dict[str, object]:
-    flat: dict[str, object] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def spec_differences(a, b, ignore: tuple[str, ...] = ("train.steps",)) -> list[str]:
-    """Dotted keys whose resolved values differ between two specs (``ignore`` excepted)."""
-    fa, fb = _flatten(a.model_dump(mode="json")), _flatten(b.model_dump(mode="json"))
-    return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k, None) != fb.get(k, None))
-
-
-def run_spec_path(run_dir: Path) -> Path:
-    """``run_dir/spec.toml``; an error if ``run_dir`` is not a run folder."""
-    path = run_dir / "spec.toml"
-    if not path.is_file():
-        raise UserError(f"{run_dir}: not a run folder (no spec.toml)")
-    return path
-
-
-def check_resumable(run_dir: Path, spec, source: str) -> None:
-    """An error unless ``run_dir`` is a run folder whose spec equals ``spec`` but for train.steps;
-    ``source`` names where ``spec`` came from."""
-    from flowspec.spec import load_spec
-
-    stored_path = run_spec_path(run_dir)
-    diff = spec_differences(load_spec(stored_path), spec)
-    if diff:
-        raise UserError(f"{source}: differs from the run's spec {stored_path} in {', '.join(diff)} "
-                        "(only train.steps may change on resume)")
-
-
 def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGraph:
     """Compile ``spec`` and restore the run folder's newest good checkpoint into it.
 
@@ -299,7 +266,7 @@ def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGrap
     """
     from flowspec.compile import compile_spec
 
-    check_resumable(run_dir, spec, source)
+    RunFolder(run_dir).check_resumable(spec, source)
     if not distributed.launched() or distributed.rank_from_env() == 0:
         runfolder.acquire(run_dir)  # before compiling: a live run is refused at once
     graph = (compile or compile_spec)(spec)

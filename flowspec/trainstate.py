@@ -1,5 +1,7 @@
 """A training graph's state as tensors (for safetensors) and plain JSON data: model, EMA, optimizer,
-schedule, counters and every random generator; and back (flowspec.checkpoint writes and reads it)."""
+schedule, counters, every random generator, and the flow map's geometry (data shape, its c, the
+base's c: what loading the map alone needs, flowspec.runs); and back (flowspec.checkpoint writes and
+reads it)."""
 
 from __future__ import annotations
 
@@ -27,13 +29,15 @@ def collect(graph) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     tensors.update(opt_tensors)
     tensors["rng.data"] = graph.data_generator.get_state()
     tensors["rng.train"] = graph.generator.get_state()
+    tensors["base.scale"] = graph.base.scale  # with "flow_map": the map loads without its dataset
     tensors.update(ranks)
     rng_tensors, rng_meta = _global_rng()
     tensors.update(rng_tensors)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     state = {"step": graph.step_count, "ema_updates": graph.ema.updates, "optimizer": opt_meta,
              "scheduler": graph.scheduler.state_dict(), "rng": rng_meta, "counters": dict(graph.counters),
-             "world_size": graph.dist.world_size}
+             "world_size": graph.dist.world_size,
+             "flow_map": {"shape": list(graph.dataset.shape), "scale": graph.model.scale}}
     return tensors, state
 
 
@@ -128,9 +132,7 @@ def _restore_generators(graph, tensors: dict[str, torch.Tensor], step: int) -> N
         graph.data_generator.set_state(tensors[f"rng.data.rank{rank}"])
         graph.generator.set_state(tensors[f"rng.train.rank{rank}"])
     else:
-        from flowspec.compile import rank_seeds
-
-        data_seed, train_seed = rank_seeds(graph.spec.train.seed + 7919 * step, rank)
+        data_seed, train_seed = distributed.rank_seeds(graph.spec.train.seed + 7919 * step, rank)
         graph.data_generator.manual_seed(data_seed)
         graph.generator.manual_seed(train_seed)
 

@@ -17,9 +17,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from flowspec.compile import compile_spec, rank_seeds
+from flowspec.compile import compile_spec
+from flowspec.distributed import rank_seeds
 from flowspec.objectives.base import Batch
 from flowspec.spec import validate
+from flowspec import engine
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 
@@ -54,7 +56,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             return b
 
         graph.batch = batch
-        graph.step()
+        engine.step(graph)
         tensors = {f"param.{k}": v for k, v in graph.model.state_dict().items()}
         save_file({**tensors, **seen}, os.path.join(out_dir, f"rank{rank}.safetensors"))
     finally:
@@ -89,7 +91,7 @@ def test_two_gloo_processes_equal_one_step_on_the_combined_batch(tmp_path):
     # the ranks drew different samples: rank 0 what a single process draws first, rank 1 its own
     assert not torch.equal(parts[0]["x1"], parts[1]["x1"])
     single = compile_spec(validate(SPEC))
-    assert torch.equal(single.batch(4).x1, parts[0]["x1"])
+    assert torch.equal(engine.draw_batch(single, 4).x1, parts[0]["x1"])
     assert rank_seeds(0, 1) != rank_seeds(0, 0)
     reference = _reference_step(parts, [0, 1])
     only_rank0 = _reference_step(parts, [0])

@@ -10,7 +10,8 @@ import torch
 
 from flowspec import compile_spec
 from flowspec.spec import validate
-from flowspec.compile import EMA, lr_factor, preconditioning
+from flowspec.build import preconditioning
+from flowspec.engine import EMA, lr_factor
 from flowspec.networks.embeddings import FourierEmbedding, PositionalEmbedding
 from flowspec.networks.mlp import MLP, MLPOptions
 from flowspec.networks.unet import UNet, UNetOptions

@@ -10,6 +10,7 @@ from flowspec.compile import compile_spec
 from flowspec.flowmap import FlowMap
 from flowspec.jvp import jvp
 from flowspec.spec import validate
+from flowspec import engine
 from tests.test_unet import tiny_unet
 
 DIGITS = {"data": {"kind": "digits"}, "interpolant": {"kind": "linear", "base_scale": 0.5},
@@ -70,7 +71,7 @@ def test_finite_differences_leave_autocast_too():
 
 def test_bf16_training_step_keeps_float32_weights():
     g32, g16 = compile_spec(_spec()), compile_spec(_spec(precision="bf16"))
-    out32, out16 = g32.step(), g16.step()
+    out32, out16 = engine.step(g32), engine.step(g16)
     assert torch.isfinite(out16.loss) and out16.loss.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in g16.model.parameters())
     assert abs(float(out16.loss.detach()) - float(out32.loss.detach())) < 0.05 * abs(float(out32.loss.detach()))
@@ -82,7 +83,7 @@ def test_bf16_steps_of_every_jvp_objective():
                       {"characterization": "lagrangian", "learned_weight": True}):
         g = compile_spec(validate({**DIGITS, "objective": objective,
                                    "train": {**DIGITS["train"], "precision": "bf16"}}))
-        out = g.step()
+        out = engine.step(g)
         assert torch.isfinite(out.loss.detach()), objective
         assert g.last_fault is None
 
@@ -92,8 +93,8 @@ def test_float64_run_with_finite_differences():
                      "objective": {"characterization": "lagrangian", "jvp": "finite_difference"}})
     g = compile_spec(spec)
     assert all(p.dtype == torch.float64 for p in g.model.parameters())
-    assert g.batch(4).x1.dtype == torch.float64
-    out = g.step()
+    assert engine.draw_batch(g, 4).x1.dtype == torch.float64
+    out = engine.step(g)
     assert out.loss.dtype == torch.float64 and torch.isfinite(out.loss)
     from flowspec.evaluate import evaluate
 

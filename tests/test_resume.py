@@ -21,6 +21,7 @@ from flowspec.compile import compile_spec
 from flowspec.errors import UserError
 from flowspec.spec import load_spec
 from flowspec.train import resume, train
+from flowspec import engine
 
 STEPS = 12
 LONG = """
@@ -137,9 +138,7 @@ def test_sigkill_then_resume_is_bit_identical(spec_path, reference, tmp_path, ma
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_writes_a_checkpoint_and_says_how_to_resume(spec_path, reference, tmp_path, sig, main,
                                                            monkeypatch):
-    from flowspec.compile import TrainingGraph
-
-    step = TrainingGraph.step
+    step = engine.step
 
     def step_then_signal(graph):
         out = step(graph)
@@ -147,7 +146,7 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(spec_path, reference,
             os.kill(os.getpid(), sig)
         return out
 
-    monkeypatch.setattr(TrainingGraph, "step", step_then_signal)
+    monkeypatch.setattr(engine, "step", step_then_signal)
     run_dir = tmp_path / "signalled"
     code, _, err = main("run", spec_path, "--out", run_dir)
     assert code == 128 + sig
@@ -155,7 +154,7 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(spec_path, reference,
                                             f"resume with: flowspec run --resume {run_dir}")
     assert checkpoint.pointer(run_dir / "checkpoints") == "step-00000007"
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
-    monkeypatch.setattr(TrainingGraph, "step", step)
+    monkeypatch.setattr(engine, "step", step)
     code, out, err = main("run", "--resume", run_dir)
     assert code == 0, err
     assert f"(resumed at step 7)" in err
@@ -354,11 +353,11 @@ def test_nonfinite_steps_can_be_skipped(tiny_spec, tmp_path):
     graph = tiny_graph(tiny_spec, "train.nonfinite=\"skip\"", "train.log_every=1")
     reference = tiny_graph(tiny_spec)
     for _ in range(3):
-        graph.step(), reference.step()
+        engine.step(graph), engine.step(reference)
     poison(graph, at_step=4, term="diagonal")
     before = {k: v.clone() for k, v in graph.model.state_dict().items()}
     ema_before = {k: v.clone() for k, v in graph.ema.model.state_dict().items()}
-    graph.step()
+    engine.step(graph)
     assert graph.last_fault == "diagonal" and graph.step_count == 4 and graph.ema.updates == 3
     assert all(torch.equal(before[k], v) for k, v in graph.model.state_dict().items())
     assert all(torch.equal(ema_before[k], v) for k, v in graph.ema.model.state_dict().items())

@@ -13,6 +13,7 @@ from flowspec.objectives.fmm import FlowMapMatching
 from flowspec.objectives.shortcut import Shortcut
 from flowspec.teachers import SelfTeacher
 from flowspec.testing import ExactFlowMap, GaussianOracle
+from flowspec import engine
 
 F64 = torch.float64
 
@@ -110,7 +111,7 @@ def test_fmm_and_shortcut_train_through_the_spec(tiny_spec):
     for extra in (["objective.characterization=fmm"],
                   ["objective.characterization=shortcut", "objective.ema_target=true"]):
         g = compile_spec(load_spec(tiny_spec(), extra))
-        assert torch.isfinite(g.step().loss)
+        assert torch.isfinite(engine.step(g).loss)
 
 
 def test_learned_log_variance_weight(tiny_spec):
@@ -124,11 +125,11 @@ def test_learned_log_variance_weight(tiny_spec):
     assert torch.equal(w(s, t), torch.zeros(8))
     g = compile_spec(load_spec(tiny_spec(), ["objective.learned_weight=true"]))
     plain = type(g.objective)(g.objective.options.model_copy(update={"learned_weight": False}))
-    b = g.batch(64)
+    b = engine.draw_batch(g, 64)
     losses = [obj(g.model, g.interpolant, g.teacher, Batch(b.x0, b.x1, torch.Generator().manual_seed(3))).loss
               for obj in (g.objective, plain)]
     torch.testing.assert_close(losses[0], losses[1])
-    g.step()
+    engine.step(g)
     assert any(k.startswith("log_weight.") for k in g.model.state_dict())
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in g.model.log_weight.parameters())
     # the optimal weight for a constant residual is log |r|^2
