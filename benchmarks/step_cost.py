@@ -15,6 +15,7 @@ time over a forward's on the same network and batch).
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
@@ -87,7 +88,7 @@ def main(argv=None) -> dict:
     if "fm" not in methods:
         methods = ["fm"] + methods
     graphs = {m: compile_method(m, a.batch, device, a.width, a.depth) for m in methods}
-    step_times = interleaved({m: graphs[m].step for m in methods}, device, a.reps, a.inner, a.warmup)
+    step_times = interleaved({m: functools.partial(engine.step, graphs[m]) for m in methods}, device, a.reps, a.inner, a.warmup)
     lb_times = interleaved({m: loss_backward(graphs[m]) for m in methods}, device, a.reps, a.inner, a.warmup)
     c = measure_c(graphs["fm"], device, a.reps, a.inner, a.warmup)
     c_measured = c["C"]["median"]

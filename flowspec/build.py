@@ -29,7 +29,7 @@ DTYPES = {"float32": torch.float32, "bf16": torch.float32, "float64": torch.floa
 def build(registry: Registry, group: str, options: BaseModel, *args: Any) -> Any:
     """The component of ``group`` that ``options`` names (its ``kind``, or the objective's
     ``characterization``), constructed as ``cls(cls.Options(...), *args)``."""
-    name = getattr(options, "characterization", None) or getattr(options, "kind")
+    name = getattr(options, "characterization", None) or options.kind  # type: ignore[attr-defined]
     cls = registry.get(group, name)
     return cls(cls.Options(**options.model_dump(include=set(cls.Options.model_fields))), *args)
 

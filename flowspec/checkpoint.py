@@ -94,7 +94,7 @@ def save(graph, run_dir: Path, keep: int = 0) -> Path | None:
     if collected is None:
         return None
     tensors, state = collected
-    state.update(format=FORMAT, run=spec_id(graph.spec), teacher=getattr(graph, "teacher_pin", None))
+    state.update(format=FORMAT, run=spec_id(graph.spec), teacher=graph.teacher_pin)
     ckpt_dir = run_dir / "checkpoints"
     stem = f"step-{graph.step_count:08d}"
     path = ckpt_dir / f"{stem}.safetensors"
@@ -249,7 +249,7 @@ def restore(graph, ckpt: Checkpoint | Path) -> None:
         raise Refused(f"{where.parent.parent}: trained with {world} process{'es' if world != 1 else ''}, "
                       f"resumed with {graph.dist.world_size}: the result would differ; resume with "
                       + (f"--nproc {world}" if world != 1 else "one process (no --nproc)"))
-    pinned, current = state.get("teacher"), getattr(graph, "teacher_pin", None)
+    pinned, current = state.get("teacher"), graph.teacher_pin
     if pinned != current:
         was, now = (f"{p['run']} ({p['checkpoint']}, sha256 {p['sha256'][:12]})" if isinstance(p, dict)
                     else "none" for p in (pinned, current))

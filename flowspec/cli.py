@@ -40,8 +40,10 @@ def _load(spec: Path, overrides: Optional[List[str]]):
 
 
 def _compile(s, source: Path):
-    """compile_spec with input errors prefixed by the spec file, and an allocation failure (a
-    network too large for memory) as one line, exit 1."""
+    """compile_spec with input errors prefixed by the spec file, and running out of memory (the
+    checks' estimate of a network's size fell short) as one line, exit 1."""
+    import torch
+
     from flowspec.compile import compile_spec
 
     try:
@@ -50,9 +52,7 @@ def _compile(s, source: Path):
         if exc.exit_code == 2:
             exc.lines = [line if line.startswith(f"{source}: ") else f"{source}: {line}" for line in exc.lines]
         raise
-    except (MemoryError, RuntimeError) as exc:
-        if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
-            raise
+    except (MemoryError, torch.OutOfMemoryError) as exc:
         raise UserError(f"{source}: network: out of memory while building the training graph "
                         f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})", exit_code=1) from None
 

@@ -105,6 +105,8 @@ class TrainingGraph:
     dist: distributed.Context = field(default_factory=distributed.Context)
     #: the teacher run and checkpoint digest this graph distills from (flowspec.teachers), or None
     teacher_pin: dict | None = None
+    #: values computed once per graph (the true flow map's endpoints of flowspec.evaluate)
+    cache: dict[str, Any] = field(default_factory=dict)
 
     @property
     def local_batch_size(self) -> int:

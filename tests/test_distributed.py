@@ -48,14 +48,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         graph = compile_spec(validate(SPEC))
         assert graph.dist.rank == rank and graph.local_batch_size == 8 // world
         seen = {}
-        draw = graph.batch
+        draw = engine.draw_batch
 
-        def batch(n: int) -> Batch:
-            b = draw(n)
-            seen.update(x0=b.x0, x1=b.x1, gen=graph.generator.get_state())
+        def batch(g, n: int) -> Batch:
+            b = draw(g, n)
+            seen.update(x0=b.x0, x1=b.x1, gen=g.generator.get_state())
             return b
 
-        graph.batch = batch
+        engine.draw_batch = batch  # this worker process's own module: nothing to restore
         engine.step(graph)
         tensors = {f"param.{k}": v for k, v in graph.model.state_dict().items()}
         save_file({**tensors, **seen}, os.path.join(out_dir, f"rank{rank}.safetensors"))
