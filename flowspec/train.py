@@ -1,49 +1,97 @@
-"""The training loop: run folder, logging, progress, checkpoints and evaluation (DESIGN.md, "train").
+"""The training loop (DESIGN.md, "train"): steps (flowspec.engine) until ``train.steps``, on a
+:class:`Cadence` of logging, evaluation and checkpoints, into the run folder's files
+(flowspec.runlog) and checkpoints (flowspec.checkpoint); then the final evaluation.
 
 Run folder ``runs/<name>-<timestamp>/``: ``spec.toml`` (resolved), ``environment.json``,
-``metrics.jsonl`` (one JSON object per logged step, and one per evaluation), ``checkpoints/``,
-``samples/steps-K.{png,npy}`` and ``eval.json`` (metric by K at the end).
+``metrics.jsonl``, ``checkpoints/``, ``samples/steps-K.{png,npy}`` and ``eval.json``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import math
-import os
-import platform
 import signal
-import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from flowspec import atomic, checkpoint, distributed, engine, runfolder
+from flowspec import checkpoint, distributed, engine, runfolder
 from flowspec.engine import TrainingGraph
 from flowspec.errors import UserError
 from flowspec.evaluate import evaluate, evaluate_baselines
+from flowspec.objectives.base import LossOutput
 from flowspec.runfolder import make as make_run_dir, refuse_existing  # noqa: F401 (the CLI's names)
+from flowspec.runlog import RunLog, finite, truncate_metrics
 from flowspec.runs import RunFolder
-from flowspec.spec import to_toml
+from flowspec.spec.models import EvalOptions, TrainOptions
 
 
-def environment(graph: TrainingGraph) -> dict:
-    from importlib.metadata import version
+@dataclass(frozen=True)
+class Cadence:
+    """When a step is logged, evaluated and checkpointed: functions of the step count k alone (so a
+    resumed run does what the uninterrupted one did). The last step is always logged; its
+    evaluation and checkpoint are the end of the run's."""
 
-    env = {"python": sys.version.split()[0], "platform": platform.platform(),
-           "torch": torch.__version__, "flowspec": version("flowspec"),
-           "device": str(graph.device), "threads": torch.get_num_threads(),
-           "cpu_count": os.cpu_count(), "seed": graph.spec.train.seed,
-           "started": dt.datetime.now().isoformat(timespec="seconds")}
-    if graph.device.type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(graph.device)
-        env["cuda"] = torch.version.cuda
-    return env
+    train: TrainOptions
+    eval: EvalOptions
+
+    def log(self, k: int) -> bool:
+        return k % self.train.log_every == 0 or k == self.train.steps
+
+    def evaluate(self, k: int) -> bool:
+        return bool(self.eval.every) and k % self.eval.every == 0 and k < self.train.steps
+
+    def checkpoint(self, k: int) -> bool:
+        every = self.train.checkpoint_every
+        return bool(every) and k % every == 0 and k < self.train.steps
+
+
+class Reporter:
+    """Progress on the console: a bar on a terminal; without one (batch jobs, CI) a plain line every
+    ``every`` seconds and at the last step. Silent on ranks other than 0."""
+
+    def __init__(self, graph: TrainingGraph, console: Console, every: float = 30.0):
+        spec = graph.spec
+        self.name, self.steps, self.every, self.console = spec.name, spec.train.steps, every, console
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} it/s"),
+                            TimeElapsedColumn(), TimeRemainingColumn(), console=console,
+                            disable=console.quiet or not console.is_terminal)
+        self.task = self.bar.add_task(spec.name, total=self.steps, completed=graph.step_count, loss="-", rate="-")
+        self.t0 = self.last_line = self.window_start = time.perf_counter()
+        self.window_steps = 0
+
+    def stepped(self, k: int) -> None:
+        self.window_steps += 1
+        self.bar.update(self.task, completed=k)
+
+    def rate(self) -> tuple[float, float]:
+        """(steps per second since the last logged step, seconds since the start), and a new window."""
+        now = time.perf_counter()
+        rate = self.window_steps / (now - self.window_start)
+        self.window_start, self.window_steps = now, 0
+        return rate, now - self.t0
+
+    def logged(self, k: int, record: dict) -> None:
+        loss = f"{record['loss']:.4f}" if record["loss"] is not None else "nan"
+        rate = record["steps_per_sec"]
+        self.bar.update(self.task, loss=loss, rate=f"{rate:.1f}")
+        now = time.perf_counter()
+        if not self.console.is_terminal and not self.console.quiet and (now - self.last_line >= self.every
+                                                                         or k == self.steps):
+            self.console.print(f"{self.name}: step {k}/{self.steps}, loss {loss}, {rate:.1f} it/s, "
+                               f"{record['elapsed']:.0f} s", highlight=False, soft_wrap=True)
+            self.last_line = now
+
+    def __enter__(self) -> Reporter:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
 
 
 def results_table(results: dict[str, dict[str, float]], title: str) -> Table:
@@ -94,11 +142,6 @@ class SignalStop:
         self._previous.clear()
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no NaN or infinity: non-finite numbers are logged as null."""
-    return value if math.isfinite(value) else None
-
-
 def fault_message(graph: TrainingGraph, out, run_dir: Path) -> str:
     """One line naming the step and the non-finite term, and what is kept."""
     k, term = graph.step_count, graph.last_fault
@@ -113,22 +156,16 @@ def fault_message(graph: TrainingGraph, out, run_dir: Path) -> str:
             + "; set train.nonfinite = \"skip\" to skip such steps")
 
 
-def truncate_metrics(run_dir: Path, step: int, final: bool) -> None:
-    """Make metrics.jsonl read like an uninterrupted run that reached ``step``: drop records after it,
-    a partly written last line, and (when ``final``) the end-of-run evaluation at ``step``."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-            k = int(record["step"])
-        except (ValueError, KeyError, TypeError):
-            continue
-        if k < step or (k == step and not (final and "eval" in record)):
-            kept.append(line + "\n")
-    checkpoint.atomic_text(path, "".join(kept))
+def step_record(graph: TrainingGraph, out: LossOutput, rate: float, elapsed: float) -> dict:
+    """One line of metrics.jsonl: the step's loss terms (their mean over the ranks), learning rate,
+    gradient norm, speed, elapsed seconds (and the count of skipped non-finite steps)."""
+    logs = distributed.all_mean(out.logs, graph.device) if graph.dist.enabled else out.logs
+    record = {"step": graph.step_count, **{n: finite(float(v)) for n, v in logs.items()},
+              "lr": graph.optimizer.param_groups[0]["lr"], "grad_norm": finite(float(graph.last_grad_norm)),
+              "steps_per_sec": rate, "elapsed": elapsed}
+    if graph.spec.train.nonfinite == "skip":
+        record["nonfinite_skipped"] = graph.counters.get("nonfinite_skipped", 0)
+    return record
 
 
 def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, resumed: bool = False) -> dict:
@@ -138,110 +175,53 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
     log is continued. SIGINT/SIGTERM write a checkpoint at the next step boundary and stop with a
     one-line UserError (exit 128 + signal) saying how to resume. A non-finite loss or gradient stops
     the run (``train.nonfinite = "stop"``) or skips the step (``"skip"``; counted and logged)."""
+    spec, main = graph.spec, graph.dist.is_main  # only rank 0 writes the run folder and prints
+    o = spec.train
     console = console or Console(stderr=True)
-    spec = graph.spec
-    o, ev = spec.train, spec.eval
-    ctx = graph.dist
-    main, parallel = ctx.is_main, ctx.enabled  # only rank 0 writes the run folder and prints
     if not main:
         console = Console(stderr=True, quiet=True)
-    log = None
     if graph.step_count == 0:  # what components draw from the global generators (dropout) starts from the seed
         engine.seed_globals(o.seed)
-    if main:
-        checkpoint.atomic_text(run_dir / "spec.toml", to_toml(spec))
-        if not resumed or not (run_dir / "environment.json").exists():
-            env = environment(graph)
-            if parallel:
-                env["world_size"] = ctx.world_size
-            checkpoint.atomic_text(run_dir / "environment.json", json.dumps(env, indent=1))
-        try:
-            log = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
-        except OSError as exc:
-            raise UserError(f"{run_dir / 'metrics.jsonl'}: cannot write: {exc.strerror or exc}", exit_code=1) from None
-
-    def write(record: dict) -> None:
-        if log is None:
-            return
-        try:
-            log.write(atomic.dumps(record) + "\n")
-            log.flush()
-        except OSError as exc:
-            raise UserError(f"{run_dir / 'metrics.jsonl'}: cannot write: {exc.strerror or exc}",
-                            exit_code=1) from None
+    cadence = Cadence(o, spec.eval)
 
     def save() -> None:
         checkpoint.save(graph, run_dir, keep=o.keep_checkpoints)
 
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} it/s"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console,
-                        disable=not (main and console.is_terminal))
-    try:
-        with progress, SignalStop() as stop:
-            task = progress.add_task(spec.name, total=o.steps, completed=graph.step_count, loss="-", rate="-")
-            window_start, window_steps, t0 = time.perf_counter(), 0, time.perf_counter()
-            last_line = t0  # without a terminal (batch jobs, CI): a plain line every 30 s instead of the bar
+    with RunLog(graph, run_dir if main else None, resumed) as log:
+        with Reporter(graph, console) as report, SignalStop() as stop:
             while graph.step_count < o.steps:
                 out = engine.step(graph)
-                window_steps += 1
                 k = graph.step_count
+                report.stepped(k)
                 if graph.last_fault is not None:
                     if o.nonfinite == "stop":
                         raise UserError(fault_message(graph, out, run_dir), exit_code=1)
                     graph.counters["nonfinite_skipped"] = graph.counters.get("nonfinite_skipped", 0) + 1
-                if k % o.log_every == 0 or k == o.steps:
-                    if parallel:  # the whole batch's loss terms: the mean over the ranks
-                        out.logs = distributed.all_mean(out.logs, graph.device)
-                    now = time.perf_counter()
-                    rate = window_steps / (now - window_start)
-                    record = {"step": k, **{n: _finite(float(v)) for n, v in out.logs.items()},
-                              "lr": graph.optimizer.param_groups[0]["lr"],
-                              "grad_norm": _finite(float(graph.last_grad_norm)), "steps_per_sec": rate,
-                              "elapsed": now - t0}
-                    if o.nonfinite == "skip":
-                        record["nonfinite_skipped"] = graph.counters.get("nonfinite_skipped", 0)
-                    write(record)
-                    loss = f"{record['loss']:.4f}" if record["loss"] is not None else "nan"
-                    progress.update(task, loss=loss, rate=f"{rate:.1f}")
-                    if not console.is_terminal and (now - last_line >= 30 or k == o.steps):
-                        console.print(f"{spec.name}: step {k}/{o.steps}, loss {loss}, {rate:.1f} it/s, "
-                                      f"{now - t0:.0f} s", highlight=False, soft_wrap=True)
-                        last_line = now
-                    window_start, window_steps = now, 0
-                progress.update(task, completed=k)
+                if cadence.log(k):
+                    record = step_record(graph, out, *report.rate())
+                    log.write(record)
+                    report.logged(k, record)
                 # evaluation before the checkpoint: a checkpoint at step k implies every record of step k
-                if ev.every and k % ev.every == 0 and k < o.steps:
-                    write({"step": k, "eval": evaluate(graph)})
-                saved = bool(o.checkpoint_every and k % o.checkpoint_every == 0 and k < o.steps)
+                if cadence.evaluate(k):
+                    log.write({"step": k, "eval": evaluate(graph)})
+                saved = cadence.checkpoint(k)
                 if saved:
                     save()
                 signalled = stop.signum is not None
-                if parallel:  # every rank stops at the same step (a signal may reach them apart)
+                if graph.dist.enabled:  # every rank stops at the same step (a signal may reach them apart)
                     signalled = distributed.any_flag(signalled, graph.device)
                 if signalled:
                     if not saved and k < o.steps:
                         save()
-                    signum = stop.signum or signal.SIGTERM
-                    name = signal.Signals(signum).name
+                    name = signal.Signals(stop.signum or signal.SIGTERM).name
                     raise UserError(f"{name}: stopped at step {k} with a checkpoint; resume with: "
-                                    f"flowspec run --resume {run_dir}", exit_code=128 + signum)
+                                    f"flowspec run --resume {run_dir}", exit_code=128 + (stop.signum or signal.SIGTERM))
         save()
         results = evaluate(graph, run_dir if main else None)
         if not main:
             return results
         extras = evaluate_baselines(graph, run_dir)
-        log.close()  # the final record: the whole log rewritten at once (a full disk cuts no line)
-        log, path = None, run_dir / "metrics.jsonl"
-        kept = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-        kept += "\n" if kept and not kept.endswith("\n") else ""
-        checkpoint.atomic_text(path, kept + atomic.dumps({"step": graph.step_count, "eval": results, **extras}) + "\n")
-        checkpoint.atomic_text(run_dir / "eval.json", atomic.dumps(
-            {"step": graph.step_count, "num_samples": ev.num_samples, "metrics": list(graph.metrics),
-             "steps": results, **extras}, indent=1))
-    finally:
-        if log is not None:
-            log.close()
+        log.finish(graph, results, extras)
     console.print(results_table({**results, **extras.get("ode", {})},
                                 f"{spec.name}: EMA flow map after {graph.step_count} steps"))
     if "flow_map_error" in extras:

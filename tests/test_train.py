@@ -12,7 +12,9 @@ from flowspec.compile import compile_spec
 from flowspec.engine import EMA, lr_factor
 from flowspec.errors import UserError
 from flowspec.spec import TrainOptions, load_spec
-from flowspec.train import train
+from flowspec.runlog import RunLog, truncate_metrics
+from flowspec.spec import EvalOptions
+from flowspec.train import Cadence, train
 from flowspec import engine
 
 
@@ -117,3 +119,34 @@ def test_train_writes_eval_and_stops_on_nan(tiny_spec, tmp_path):
     with pytest.raises(UserError, match=r"^step 1: loss term 'diagonal' is nan; stopped"):
         train(bad, tmp_path / "nan")
     assert not (tmp_path / "nan" / "checkpoints").exists()  # no checkpoint of bad weights
+
+
+def test_cadence_is_a_function_of_the_step():
+    """Log every 3 steps and at the end; evaluate every 4 and checkpoint every 5 before the end (the
+    end's own evaluation and checkpoint are the run's last)."""
+    c = Cadence(TrainOptions(steps=10, log_every=3, checkpoint_every=5), EvalOptions(every=4))
+    assert [k for k in range(1, 11) if c.log(k)] == [3, 6, 9, 10]
+    assert [k for k in range(1, 11) if c.evaluate(k)] == [4, 8]
+    assert [k for k in range(1, 11) if c.checkpoint(k)] == [5]
+    never = Cadence(TrainOptions(steps=10, checkpoint_every=0), EvalOptions(every=0))
+    assert not any(never.evaluate(k) or never.checkpoint(k) for k in range(1, 11))
+
+
+def test_run_log_appends_finishes_and_truncates(tiny_spec, tmp_path):
+    graph = compile_spec(load_spec(tiny_spec("lagrangian")))
+    with RunLog(graph, tmp_path) as log:
+        for k in (1, 2, 3):
+            log.write({"step": k, "loss": float(k)})
+        log.write({"step": 2, "eval": {"1": {"kl": 0.5}}})
+        graph.step_count = 3
+        log.finish(graph, {"1": {"kl": 0.25}}, {})
+    assert (tmp_path / "spec.toml").is_file() and (tmp_path / "environment.json").is_file()
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "eval" in r) for r in lines] == [(1, False), (2, False), (3, False), (2, True), (3, True)]
+    assert json.loads((tmp_path / "eval.json").read_text())["steps"] == {"1": {"kl": 0.25}}
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')  # a line cut short by a kill
+    truncate_metrics(tmp_path, 3, final=True)  # resuming at step 3: the final evaluation goes too
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], "eval" in r) for r in lines] == [(1, False), (2, False), (3, False), (2, True)]
+    assert RunLog(graph, None).path is None  # another rank: writes nothing
