@@ -32,8 +32,19 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from benchmarks.common import (METHOD_LABELS, METHOD_OVERRIDES, METHOD_SPECS, PAPER_SETUP, RESULTS, SPECS, print_table,
-                               resolve_device, setup_threads, shown, write_result)
+from benchmarks.common import (
+    METHOD_LABELS,
+    METHOD_OVERRIDES,
+    METHOD_SPECS,
+    PAPER_SETUP,
+    RESULTS,
+    SPECS,
+    print_table,
+    resolve_device,
+    setup_threads,
+    shown,
+    write_result,
+)
 from flowspec import compile_spec, load_spec, train
 
 KS = [1, 2, 4, 8, 16]

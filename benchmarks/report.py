@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 from benchmarks.common import METHOD_LABELS, RESULTS, ROOT
 

@@ -24,8 +24,10 @@ import torch
 
 from benchmarks.common import RESULTS, print_table, resolve_device, setup_threads, shown, synchronize, write_result
 from flowspec import checkpoint, compile_spec, load_spec
-from flowspec.evaluate import base_samples, sample as flow_map_sample
-from flowspec.ode import ODEOptions, sample as ode_sample
+from flowspec.evaluate import base_samples
+from flowspec.evaluate import sample as flow_map_sample
+from flowspec.ode import ODEOptions
+from flowspec.ode import sample as ode_sample
 
 #: dopri5 tolerances (1e-5 adds minutes on a CPU: about 500 NFE on the default runs)
 TOLS = "1e-1,1e-2,1e-3,1e-4"

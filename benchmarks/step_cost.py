@@ -20,8 +20,18 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import (METHOD_LABELS, compile_method, default_out, interleaved, print_table, ratios,
-                               resolve_device, setup_threads, summary, write_result)
+from benchmarks.common import (
+    METHOD_LABELS,
+    compile_method,
+    default_out,
+    interleaved,
+    print_table,
+    ratios,
+    resolve_device,
+    setup_threads,
+    summary,
+    write_result,
+)
 from flowspec.jvp import jvp
 
 #: the issue's targets at the paper's 4 x 512 MLP, batch 4096, eta = 0.75 (ratio to a flow-matching step)

@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
 
 
 def check(run_dir: Path = typer.Argument(..., help="a run folder (read only)"),
-          step: Optional[int] = typer.Option(None, "--step", help="the checkpoint's step (default: the newest)"),
+          step: int | None = typer.Option(None, "--step", help="the checkpoint's step (default: the newest)"),
           n: int = typer.Option(2000, "--n", min=2, help="number of points (x, s, t)"),
           seed: int = typer.Option(0, "--seed", help="seed of the points"),
           device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-          json_out: Optional[Path] = typer.Option(None, "--json", help="also write the numbers to this file")) -> None:
+          json_out: Path | None = typer.Option(None, "--json", help="also write the numbers to this file")) -> None:
     """Measure the Lagrangian, Eulerian and semigroup residuals of a run's EMA flow map against the
     exact velocity (or the teacher's, or the map's own diagonal), each as mean ± std and quantiles."""
     from flowspec.runs import check_run, load_run

@@ -146,7 +146,7 @@ class DigitsFrechet(Metric):
 
     def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
         self.check(dataset)
-        from flowspec.features import frechet_distance, statistics, digits_classifier
+        from flowspec.features import digits_classifier, frechet_distance, statistics
 
         model, _ = digits_classifier()
         with torch.no_grad():

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field

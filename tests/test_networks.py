@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from flowspec import compile_spec
-from flowspec.spec import validate
 from flowspec.compile import EMA, lr_factor, preconditioning
 from flowspec.networks.embeddings import FourierEmbedding, PositionalEmbedding
 from flowspec.networks.mlp import MLP, MLPOptions
 from flowspec.networks.unet import UNet, UNetOptions
+from flowspec.spec import validate
 
 TINY = {"data": {"kind": "checkerboard"}, "network": {"kind": "mlp", "width": 16, "depth": 2},
         "objective": {"characterization": "lagrangian"},

@@ -158,7 +158,7 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(spec_path, reference,
     monkeypatch.setattr(TrainingGraph, "step", step)
     code, out, err = main("run", "--resume", run_dir)
     assert code == 0, err
-    assert f"(resumed at step 7)" in err
+    assert "(resumed at step 7)" in err
     assert_same_run(run_dir, reference)
 
 
@@ -273,7 +273,6 @@ def test_all_checkpoints_bad_is_one_line(reference, tmp_path, main):
 
 def test_crafted_pickle_is_never_unpickled(reference, tmp_path, main):
     """A pickle that would run code, renamed as a checkpoint, with metadata whose checksum matches."""
-    import hashlib
     import pickle
 
     _, run_dir = copy_of(reference, tmp_path)

@@ -8,7 +8,6 @@ of each cell of a 2-D histogram grid (float64), which the histogram KL metric co
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
 
 import torch
 from pydantic import Field, PositiveFloat, model_validator
@@ -86,12 +85,12 @@ class GaussianMixtureOptions(DatasetOptions):
         [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], min_length=1, description="component means, K lists of D floats"
     )
     stds: list[PositiveFloat] = Field([0.5, 0.5, 0.5], description="isotropic std of each component (K)")
-    weights: Optional[list[PositiveFloat]] = Field(
+    weights: list[PositiveFloat] | None = Field(
         None, description="component weights (K), normalized by their sum; None: uniform"
     )
 
     @model_validator(mode="after")
-    def _check_lengths(self) -> "GaussianMixtureOptions":
+    def _check_lengths(self) -> GaussianMixtureOptions:
         k, dims = len(self.means), {len(m) for m in self.means}
         if len(dims) != 1 or 0 in dims:
             raise ValueError(f"means must all have the same positive dimension, got dimensions {sorted(dims)}")
@@ -172,11 +171,11 @@ class EightGaussians(GaussianMixture):
 
 class GaussianOptions(DatasetOptions):
     dim: int = Field(2, gt=0, description="dimension D")
-    mean: Union[float, list[float]] = Field(0.0, description="mean: one float for every coordinate, or D floats")
+    mean: float | list[float] = Field(0.0, description="mean: one float for every coordinate, or D floats")
     std: PositiveFloat = Field(1.0, description="isotropic standard deviation")
 
     @model_validator(mode="after")
-    def _check_mean(self) -> "GaussianOptions":
+    def _check_mean(self) -> GaussianOptions:
         if isinstance(self.mean, list) and len(self.mean) != self.dim:
             raise ValueError(f"mean has {len(self.mean)} entries but dim is {self.dim}")
         return self

@@ -28,11 +28,10 @@ The output layer has a learned gain initialized to 0, so v = 0 and X = id at ini
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from typing import Literal, Optional
-
 from pydantic import Field, PositiveFloat
 from torch import nn
 
@@ -156,7 +155,7 @@ class UNetOptions(NetworkOptions):
     time_embedding: Literal["edm2", "positional"] = Field(
         "edm2", description="edm2: magnitude-preserving sinusoids of t, frequencies <= 1 (EDM2, the reference "
         "U-Net); positional: sinusoids of 1000 t (the DDPM code)")
-    embedding_dim: Optional[int] = Field(
+    embedding_dim: int | None = Field(
         None, gt=0, multiple_of=2, description="size of each time embedding (s and t - s); unset: "
         "channels * channel_mult[0], as EDM2")
     scale: PositiveFloat | Literal["data_std"] = Field(
