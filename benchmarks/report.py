@@ -69,7 +69,7 @@ def step_cost_section(name: str, r: dict) -> list[str]:
               "| method | ms/step (median) | step ratio to FM [IQR] | loss + backward ratio | FLOP ratio | c_D "
               "| model, C = 1.5 | model, measured C | target | met |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    for m, v in res["methods"].items():
+    for v in res["methods"].values():
         r_ = v["ratio"]
         met = "-" if v["target"] is None else ("yes" if v["meets_target"] else "**no**")
         lines.append(f"| {v['label']} | {v['step_ms']['median']:.1f} | {r_['median']:.3f} [{r_['p25']:.3f}, "
@@ -288,7 +288,7 @@ def main(argv=None) -> Path:
     order = {"step_cost": 0, "overhead": 1, "quality": 2, "verify": 3, "ablation": 4, "sampling": 5}
     for sub in DEVICES:
         records = load(results / sub)
-        for name, r in sorted(records.items(), key=lambda kv: (order.get(kv[1]["benchmark"], 9), len(kv[0]))):
+        for _name, r in sorted(records.items(), key=lambda kv: (order.get(kv[1]["benchmark"], 9), len(kv[0]))):
             if r["benchmark"] == "verify":
                 commands.append(f"python -m benchmarks.verify {r['source']}")
             else:
