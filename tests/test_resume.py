@@ -233,10 +233,8 @@ def test_corrupted_latest_falls_back_to_the_previous_good_checkpoint(reference, 
     truncated.write_bytes(truncated.read_bytes()[:100])
     warnings: list[str] = []
     assert checkpoint.latest(run_dir, warnings.append) == ckpt / "step-00000008.safetensors"
-    assert warnings == [
-        f"warning: {last}: checksum mismatch: the checkpoint is truncated or corrupted; skipped for the previous checkpoint",
-        f"warning: {truncated}: checksum mismatch: the checkpoint is truncated or corrupted; skipped for the previous checkpoint",
-    ]
+    damaged = "checksum mismatch: the checkpoint is truncated or corrupted; skipped for the previous checkpoint"
+    assert warnings == [f"warning: {last}: {damaged}", f"warning: {truncated}: {damaged}"]
     graph = resume(run_dir, spec, "spec.toml", warnings.append)
     assert graph.step_count == 8
     assert checkpoint.stems(ckpt) == ["step-00000008"]  # the bad newer ones are gone: they come again

@@ -184,8 +184,8 @@ class UNet(Network):
         c_emb = o.channels * max(o.channel_mult)
         dim = o.embedding_dim or o.channels * o.channel_mult[0]
         edm2 = o.time_embedding == "edm2"
-        self.embed_s, self.embed_dt = (PositionalEmbedding(dim, scale=1.0 if edm2 else 1000.0, magnitude_preserving=edm2)
-                                       for _ in range(2))
+        self.embed_s, self.embed_dt = (
+            PositionalEmbedding(dim, scale=1.0 if edm2 else 1000.0, magnitude_preserving=edm2) for _ in range(2))
         self.emb_s, self.emb_dt = MPConv(dim, c_emb), MPConv(dim, c_emb)
         block = dict(c_emb=c_emb, channels_per_head=o.channels_per_head, dropout=o.dropout)
         attn = set(o.attention_resolutions)
