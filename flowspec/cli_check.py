@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -20,7 +19,7 @@ def check(run_dir: Path = typer.Argument(..., help="a run folder (read only)"),
     exact velocity (or the teacher's, or the map's own diagonal), each as mean ± std and quantiles."""
     from flowspec.runs import check_run, load_run
 
-    result = check_run(load_run(run_dir, device, step=step, warn=lambda line: sys.stderr.write(f"{line}\n")),
+    result = check_run(load_run(run_dir, device, step=step, warn=lambda line: typer.echo(line, err=True)),
                        n=n, seed=seed)
     labels = {"lagrangian": "Lagrangian |dX/dt - b_t(X)|", "eulerian": "Eulerian   |dX/ds + grad X b_s|",
               "semigroup": "semigroup  |X_ut(X_su) - X_st|"}
