@@ -10,8 +10,8 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -84,7 +84,8 @@ def compile_method(method: str, batch: int, device: torch.device, width: int = 5
     from flowspec import compile_spec, load_spec
 
     overrides = PAPER_SETUP + [f"network.width={width}", f"network.depth={depth}", f"train.batch_size={batch}",
-                               f'train.device="{device.type}"', f"train.seed={seed}", *METHOD_OVERRIDES.get(method, ()), *extra]
+                               f'train.device="{device.type}"', f"train.seed={seed}",
+                               *METHOD_OVERRIDES.get(method, ()), *extra]
     return compile_spec(load_spec(SPECS / METHOD_SPECS[method], overrides=overrides))
 
 

@@ -4,11 +4,12 @@ step written by hand in plain PyTorch (this file), timed interleaved in one proc
 The hand-written loop is an independent implementation of MATH.md's LSD step: its own checkerboard
 sampler, Gaussian base with the data std, linear interpolant, 4 x 512 GELU MLP on [x, emb(s),
 emb(t - s)] with sinusoidal embeddings, eta = 0.75 time sampling, the Lagrangian residual through
-forward-mode dual tensors with each linear layer's tangent as one product u W^T (what flowspec's
-jvp does; PyTorch's generic rule spends a second product on the weight's zero tangent), RAdam, global-norm clipping at 10 and a warmed-up EMA. It imports nothing from
-flowspec except to copy the compiled model's initial weights (same init) and, once, to check that both
-give the same loss on the same batch and times (so the two time the same computation). Being a plain
-loop it has no learning-rate schedule object and no non-finite check; those are flowspec's overhead.
+forward-mode dual tensors with each linear layer's tangent as one product u W^T (what flowspec's jvp
+does; PyTorch's generic rule spends a second product on the weight's zero tangent), RAdam,
+global-norm clipping at 10 and a warmed-up EMA. It imports nothing from flowspec except to copy the
+compiled model's initial weights (same init) and, once, to check that both give the same loss on the
+same batch and times (so the two time the same computation). Being a plain loop it has no
+learning-rate schedule object and no non-finite check; those are flowspec's overhead.
 
     python -m benchmarks.overhead                     # CPU default: batch 1024
     python -m benchmarks.overhead --batch 4096 --device cuda --reps 30 --inner 20

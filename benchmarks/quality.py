@@ -7,7 +7,8 @@ through the public API (load_spec, compile_spec, train). Flow maps are sampled w
 steps (NFE = K); the flow-matching baseline with Euler at the same K and dopri5 (NFE counted). Metrics:
 KL of a 50 x 50 histogram against the exact cell masses, and energy distance. The KL of as many exact
 data samples is reported as the estimator's floor at that sample count. Samples are saved per run
-(one ``quality-samples.npz`` beside the JSON, arrays named ``<method>-seed<k>/<row>``) so ``python -m benchmarks.verify`` can recompute the KL.
+(one ``quality-samples.npz`` beside the JSON, arrays named ``<method>-seed<k>/<row>``) so
+``python -m benchmarks.verify`` can recompute the KL.
 
     python -m benchmarks.quality                         # default: 2 seeds x 5 methods, 400 steps, batch 512
     python -m benchmarks.quality --protocol paper-cpu --jobs 2   # 3000 steps x 4096, 64k samples, LSD 2 seeds
@@ -32,8 +33,19 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from benchmarks.common import (METHOD_LABELS, METHOD_OVERRIDES, METHOD_SPECS, PAPER_SETUP, RESULTS, SPECS, print_table,
-                               resolve_device, setup_threads, shown, write_result)
+from benchmarks.common import (
+    METHOD_LABELS,
+    METHOD_OVERRIDES,
+    METHOD_SPECS,
+    PAPER_SETUP,
+    RESULTS,
+    SPECS,
+    print_table,
+    resolve_device,
+    setup_threads,
+    shown,
+    write_result,
+)
 from flowspec import compile_spec, load_spec, train
 
 KS = [1, 2, 4, 8, 16]
@@ -45,7 +57,8 @@ def overrides(method: str, seed: int, steps: int, batch: int, num_samples: int, 
     o = PAPER_SETUP + [f"train.steps={steps}", f"train.batch_size={batch}", f"train.seed={seed}",
                        f'train.device="{device.type}"', "train.checkpoint_every=0", "train.keep_checkpoints=1",
                        f"train.log_every={max(1, min(50, steps))}", f"eval.num_samples={num_samples}",
-                       'eval.metrics=["kl", "energy"]', "eval.plot=false", "eval.flow_map_error=false", *METHOD_OVERRIDES.get(method, ())]
+                       'eval.metrics=["kl", "energy"]', "eval.plot=false", "eval.flow_map_error=false",
+                       *METHOD_OVERRIDES.get(method, ())]
     if method == "fm":
         # the baseline: the learned velocity v_{t,t} integrated by Euler with K steps and by dopri5;
         # its flow-map head (v_{s,t} off the diagonal) is untrained, so only K = 1 is evaluated and dropped
@@ -201,7 +214,8 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(samples_path, **samples)
     agg = aggregate(runs)
-    config = {"setup": PAPER_SETUP, "methods": methods, "seeds": max(method_seeds.values()), "method_seeds": method_seeds,
+    config = {"setup": PAPER_SETUP, "methods": methods, "seeds": max(method_seeds.values()),
+              "method_seeds": method_seeds,
               "protocol": a.protocol, "jobs": a.jobs, "steps": a.steps, "batch": a.batch,
               "num_samples": a.num_samples, "dopri_tol": a.dopri_tol, "full": a.full, "threads": threads,
               "ks": KS, "metrics": METRICS, "samples": samples_path.name, "runs_dir": shown(run_root)}

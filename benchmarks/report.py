@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+from pathlib import Path
 
 import numpy as np
-from pathlib import Path
 
 from benchmarks.common import METHOD_LABELS, RESULTS, ROOT
 
@@ -69,11 +69,12 @@ def step_cost_section(name: str, r: dict) -> list[str]:
               "| method | ms/step (median) | step ratio to FM [IQR] | loss + backward ratio | FLOP ratio | c_D "
               "| model, C = 1.5 | model, measured C | target | met |",
               "|---|---|---|---|---|---|---|---|---|---|"]
-    for m, v in res["methods"].items():
+    for v in res["methods"].values():
         r_ = v["ratio"]
         met = "-" if v["target"] is None else ("yes" if v["meets_target"] else "**no**")
         lines.append(f"| {v['label']} | {v['step_ms']['median']:.1f} | {r_['median']:.3f} [{r_['p25']:.3f}, "
-                     f"{r_['p75']:.3f}] | {v['loss_backward_ratio']['median']:.3f} | {v['flop_ratio']:.3f} | {v['cost_formula']} | "
+                     f"{r_['p75']:.3f}] | {v['loss_backward_ratio']['median']:.3f} | {v['flop_ratio']:.3f} | "
+                     f"{v['cost_formula']} | "
                      f"{v['model_ratio_c1.5']:.3f} | {v['model_ratio_c_measured']:.3f} | "
                      f"{v['target'] if v['target'] else '-'} | {met} |")
     missed = [v for v in res["methods"].values() if v["target"] is not None and not v["meets_target"]]
@@ -82,13 +83,15 @@ def step_cost_section(name: str, r: dict) -> list[str]:
             + ("." if paper_setting else f"; this table is at {c['depth']} x {c['width']}, batch {c['batch']}."))
     if missed:
         note += " Missed: " + "; ".join(
-            f"{v['label']} (measured {v['ratio']['median']:.3f} against {v['target']}; FLOP ratio {v['flop_ratio']:.3f}; "
-            f"cost model {v['model_ratio_c_measured']:.3f} with the measured C, {v['model_ratio_c1.5']:.3f} with C = 1.5)"
+            f"{v['label']} (measured {v['ratio']['median']:.3f} against {v['target']}; "
+            f"FLOP ratio {v['flop_ratio']:.3f}; cost model {v['model_ratio_c_measured']:.3f} with the measured C, "
+            f"{v['model_ratio_c1.5']:.3f} with C = 1.5)"
             for v in missed) + "."
         floor = [v for v in missed if v["flop_ratio"] > v["target"]]
         for v in floor:
-            note += (f" {v['label']}'s matrix products alone are {v['flop_ratio']:.3f} times flow matching's, above its "
-                     "target: no implementation of these products gets under it where they dominate the time.")
+            note += (f" {v['label']}'s matrix products alone are {v['flop_ratio']:.3f} times flow matching's, "
+                     "above its target: no implementation of these products gets under it where they dominate "
+                     "the time.")
             if "2C" in v["cost_formula"]:
                 note += (" With stop_gradient = \"full\" the advective term is a second, gradient-free jvp, while "
                          "the target assumes MATH.md's 1 + C (one augmented jvp, which is stop_gradient = \"none\").")
@@ -195,7 +198,8 @@ def quality_section(name: str, r: dict, plot: Path, docs: Path, verify: dict | N
     lines += [f"Our budget: {budget}; {setup}, eta = 0.75, linear interpolant with the data-std base. "
               f"The paper's: {PAPER_BUDGET}, "
               f"i.e. {150_000 * 100_000 / (c['steps'] * c['batch']):,.0f} times more training samples. "
-              "Entries: mean ± sample standard deviation over seeds (the value itself for one seed). The KL of the same number of exact "
+              "Entries: mean ± sample standard deviation over seeds (the value itself for one seed). "
+              "The KL of the same number of exact "
               f"data samples (the estimator's floor at this sample count) is "
               f"{agg['data']['floor']['kl']['mean']:.4f}; the paper's 64k samples have a lower floor.", "",
               "KL at K steps (NFE = K; for flow matching, Euler with K steps of the learned velocity):", "",
@@ -250,15 +254,17 @@ def sampling_section(name: str, r: dict) -> list[str]:
     c, res = r["config"], r["results"]
     lines = [f"#### Sampling throughput (`{name}.json`)", ""]
     lines += provenance(r)
+    runs = Path(c["runs"]).resolve()
     lines += [f"{c['method'].upper()} flow map against dopri5 on the flow-matching velocity, both from the "
-              f"seed-0 quality runs in `{Path(c['runs']).resolve().relative_to(ROOT) if Path(c['runs']).resolve().is_relative_to(ROOT) else c['runs']}` "
+              f"seed-0 quality runs in `{runs.relative_to(ROOT) if runs.is_relative_to(ROOT) else c['runs']}` "
               f"({c['train_steps_of_runs']} steps at batch {c['batch_of_runs']}); "
               f"{c['num_samples']} samples per call, median of {c['reps']} calls. Matched: the loosest dopri5 "
               "tolerance whose KL is at most the flow map's (or the best dopri5 when none is).", "",
               "| sampler | NFE | KL | samples/s | matched dopri5 | speed-up |", "|---|---|---|---|---|---|"]
     for key, v in res["rows"].items():
         m = res["matched"].get(key)
-        name_ = f"{c['method'].upper()}, {key.split('-')[1]} step(s)" if v["kind"] == "flow map" else f"FM dopri5, tol {v['tol']:g}"
+        name_ = (f"{c['method'].upper()}, {key.split('-')[1]} step(s)" if v["kind"] == "flow map"
+                 else f"FM dopri5, tol {v['tol']:g}")
         match = (f"tol {m['dopri5_tol']:g}, NFE {m['dopri5_nfe']}{'' if m['reached'] else ' (best; KL not reached)'}"
                  if m else "")
         speed = f"{m['speedup']:.1f}x" if m else ""
@@ -288,7 +294,7 @@ def main(argv=None) -> Path:
     order = {"step_cost": 0, "overhead": 1, "quality": 2, "verify": 3, "ablation": 4, "sampling": 5}
     for sub in DEVICES:
         records = load(results / sub)
-        for name, r in sorted(records.items(), key=lambda kv: (order.get(kv[1]["benchmark"], 9), len(kv[0]))):
+        for _name, r in sorted(records.items(), key=lambda kv: (order.get(kv[1]["benchmark"], 9), len(kv[0]))):
             if r["benchmark"] == "verify":
                 commands.append(f"python -m benchmarks.verify {r['source']}")
             else:

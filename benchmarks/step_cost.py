@@ -21,8 +21,18 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import (METHOD_LABELS, compile_method, default_out, interleaved, print_table, ratios,
-                               resolve_device, setup_threads, summary, write_result)
+from benchmarks.common import (
+    METHOD_LABELS,
+    compile_method,
+    default_out,
+    interleaved,
+    print_table,
+    ratios,
+    resolve_device,
+    setup_threads,
+    summary,
+    write_result,
+)
 from flowspec.jvp import jvp
 from flowspec import engine
 
@@ -112,7 +122,8 @@ def main(argv=None) -> dict:
         v = results["methods"][m]
         rows.append([v["label"], f"{v['step_ms']['median']:.1f}", f"{r['median']:.3f} [{r['p25']:.3f}, {r['p75']:.3f}]",
                      f"{rlb['median']:.3f}", f"{v['flop_ratio']:.3f}", v["cost_formula"],
-                     f"{v['model_ratio_c1.5']:.3f}", f"{v['model_ratio_c_measured']:.3f}", f"{target}" if target else "-"])
+                     f"{v['model_ratio_c1.5']:.3f}", f"{v['model_ratio_c_measured']:.3f}",
+                     f"{target}" if target else "-"])
     config = {"batch": a.batch, "width": a.width, "depth": a.depth, "reps": a.reps, "inner": a.inner,
               "warmup": a.warmup, "threads": threads, "methods": methods}
     out = write_result(a.out or default_out("step_cost", device), "step_cost", device, config, results, started)

@@ -63,7 +63,8 @@ def main(argv=None) -> dict:
             worst = max(worst, diff)
             checks.append({"method": run["method"], "seed": run["seed"], "row": row, "reported": vals["kl"],
                            "recomputed": mine, "abs_diff": diff, "n": int(x.shape[0])})
-    result = {"benchmark": "verify", "source": str(path.relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path),
+    source = str(path.relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)
+    result = {"benchmark": "verify", "source": source,
               "checked": len(checks), "max_abs_diff": worst, "checks": checks}
     out = Path(a.out) if a.out else path.with_name(path.stem + "-verify.json")
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -88,7 +88,7 @@ def read_regular(path: Path, limit: int) -> bytes:
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
-    except OSError as exc:
+    except OSError:
         if path.is_symlink():
             raise UserError(f"{path}: is a symbolic link; only regular files are read", exit_code=1) from None
         raise

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 import typer
@@ -70,15 +68,15 @@ def check_run(run: RunFolder, device: str = "auto", *, step: int | None = None, 
 
 
 def check(run_dir: Path = typer.Argument(..., help="a run folder (read only)"),
-          step: Optional[int] = typer.Option(None, "--step", help="the checkpoint's step (default: the newest)"),
+          step: int | None = typer.Option(None, "--step", help="the checkpoint's step (default: the newest)"),
           n: int = typer.Option(2000, "--n", min=2, help="number of points (x, s, t)"),
           seed: int = typer.Option(0, "--seed", help="seed of the points"),
           device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-          json_out: Optional[Path] = typer.Option(None, "--json", help="also write the numbers to this file")) -> None:
+          json_out: Path | None = typer.Option(None, "--json", help="also write the numbers to this file")) -> None:
     """Measure the Lagrangian, Eulerian and semigroup residuals of a run's EMA flow map against the
     exact velocity (or the teacher's, or the map's own diagonal), each as mean ± std and quantiles."""
     result = check_run(RunFolder(run_dir), device, step=step, n=n, seed=seed,
-                       warn=lambda line: sys.stderr.write(f"{line}\n"))
+                       warn=lambda line: typer.echo(line, err=True))
     labels = {"lagrangian": "Lagrangian |dX/dt - b_t(X)|", "eulerian": "Eulerian   |dX/ds + grad X b_s|",
               "semigroup": "semigroup  |X_ut(X_su) - X_st|"}
     lines = [f"{run_dir}: {Path(result['checkpoint']).name}, velocity {result['velocity']}, {n} points "

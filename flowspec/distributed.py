@@ -27,8 +27,8 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 import torch.distributed as dist

@@ -126,7 +126,7 @@ def evaluate_baselines(graph, out_dir: Path | None = None) -> dict:
     if o.ode:
         x0 = base_samples(graph, o.num_samples, o.seed)
         truth = true_endpoints(graph, x0)
-        rows = {}
+        rows: dict[str, dict] = {}
         model = graph.sampler()
         model.eval()
         sources = {"model": model.velocity, "exact": getattr(graph.exact, "velocity", None),

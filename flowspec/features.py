@@ -12,8 +12,8 @@ uses the penultimate layer of a small classifier that flowspec trains on scikit-
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Callable
 
 import torch
 from torch import nn

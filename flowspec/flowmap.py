@@ -7,6 +7,8 @@ With a preconditioning scale c the map is X = x + (t - s) c net(x / c, s, t) (im
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -21,6 +23,8 @@ class FlowMap(nn.Module):
         net: module called as ``net(x, s, t)`` returning a tensor shaped like x.
         scale: preconditioning constant c (1 means none).
     """
+
+    _compiled: Callable[..., torch.Tensor] | None  # set with object.__setattr__: not a submodule
 
     def __init__(self, net: nn.Module, scale: float = 1.0, log_weight: nn.Module | None = None):
         super().__init__()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -35,7 +35,7 @@ class InterpolantOptions(BaseModel):
     "data_std" for the per-dimension standard deviation of the data (the paper's adaptive base)."""
 
     model_config = ConfigDict(extra="forbid")
-    base_scale: Union[Annotated[float, Field(gt=0)], Literal["data_std"]] = Field(
+    base_scale: Annotated[float, Field(gt=0)] | Literal["data_std"] = Field(
         1.0, description='c in x0 ~ N(0, c^2 I): a positive number or "data_std"'
     )
 

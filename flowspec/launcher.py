@@ -23,7 +23,8 @@ def launch(nproc: int, spec, overrides, runs_dir: Path, out_dir, force: bool, re
     torchrun's traceback."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run as torchrun
+    from torch.distributed.run import parse_args
+    from torch.distributed.run import run as torchrun
 
     args = ["--standalone", f"--nproc_per_node={nproc}", "-m", "flowspec", "run"]
     if spec is not None:

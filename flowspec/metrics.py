@@ -24,7 +24,8 @@ class MetricOptions(BaseModel):
 
 
 class Metric:
-    """Base class. Constructed as ``Metric(options=None)``; subclasses implement :meth:`__call__`."""
+    """Base class. Constructed as ``Metric(options=None)``; subclasses implement :meth:`__call__`. A
+    subclass with its own ``Options`` declares ``options: ThoseOptions`` too, for the type checker."""
 
     Options: ClassVar[type[MetricOptions]] = MetricOptions
     lower_is_better: ClassVar[bool] = True
@@ -56,15 +57,17 @@ class HistogramKL(Metric):
     """
 
     Options = HistogramKLOptions
+    options: HistogramKLOptions
     floor = 1e-10
 
     def _cells(self, dataset: Dataset) -> tuple[list[torch.Tensor], torch.Tensor]:
         unavailable = MetricUnavailable(
             f"kl needs a 2-D dataset with a known density; {type(dataset).__name__} has none"
         )
-        if tuple(dataset.shape) != (2,) or dataset.bounds() is None:
+        bounds = dataset.bounds()
+        if tuple(dataset.shape) != (2,) or bounds is None:
             raise unavailable
-        edges = [torch.linspace(lo, hi, self.options.bins + 1, dtype=torch.float64) for lo, hi in dataset.bounds()]
+        edges = [torch.linspace(lo, hi, self.options.bins + 1, dtype=torch.float64) for lo, hi in bounds]
         p = dataset.cell_mass(edges)
         if p is None:
             raise unavailable
@@ -97,6 +100,7 @@ class EnergyDistance(Metric):
     """
 
     Options = EnergyDistanceOptions
+    options: EnergyDistanceOptions
 
     def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
         x = samples[: self.options.max_samples].flatten(1).double()
@@ -146,7 +150,7 @@ class DigitsFrechet(Metric):
 
     def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
         self.check(dataset)
-        from flowspec.features import frechet_distance, statistics, digits_classifier
+        from flowspec.features import digits_classifier, frechet_distance, statistics
 
         model, _ = digits_classifier()
         with torch.no_grad():
@@ -171,6 +175,7 @@ class FID(Metric):
     cached per dataset and weights file. Features are computed in batches with a progress bar."""
 
     Options = FIDOptions
+    options: FIDOptions
     _cache: ClassVar[dict] = {}
 
     def _network(self):

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -133,12 +134,12 @@ def map_velocity(velocity: Velocity, s: torch.Tensor, t: torch.Tensor, x: torch.
 
         dz/dtau = b_{s + tau h}(x + h z),   z(0) = 0,   z(1) = v_{s,t}(x)
 
-    one torchdiffeq solve for the whole batch of (s, t) pairs, state in float64, ``velocity``
-    called in ``eval_dtype`` (default x's dtype; float64 for a closed-form velocity, whose float32
-    rounding would otherwise bound the accuracy at a few 1e-7) under no_grad. dopri5 controls every sample's error (max norm over the batch,
-    rtol = atol = tol): on Gaussian targets the error of v stays within 10 tol at 60-150 evaluations of
-    b on the batch; rk4 takes K steps (4K evaluations; error ~ K^-4, 1e-6 at K = 16 for a well-scaled
-    Gaussian, 1e-3 when the data std is 4 times the base's).
+    one torchdiffeq solve for the whole batch of (s, t) pairs, state in float64, ``velocity`` called in
+    ``eval_dtype`` (default x's dtype; float64 for a closed-form velocity, whose float32 rounding would
+    otherwise bound the accuracy at a few 1e-7) under no_grad. dopri5 controls every sample's error (max
+    norm over the batch, rtol = atol = tol): on Gaussian targets the error of v stays within 10 tol at
+    60-150 evaluations of b on the batch; rk4 takes K steps (4K evaluations; error ~ K^-4, 1e-6 at
+    K = 16 for a well-scaled Gaussian, 1e-3 when the data std is 4 times the base's).
 
     Args:
         velocity: b(t, x), t (B,), x (B, ...).

@@ -20,16 +20,19 @@ class LogVarianceWeight(nn.Module):
         frequencies: Fourier features per input (k pi s, k pi (t - s), k = 1..frequencies).
     """
 
+    k: torch.Tensor  # a buffer (nn.Module's attribute lookup is untyped)
+
     def __init__(self, width: int = 64, frequencies: int = 4):
         super().__init__()
         self.register_buffer("k", torch.arange(1, frequencies + 1, dtype=torch.float32) * torch.pi)
         d = 2 + 4 * frequencies
-        self.net = nn.Sequential(nn.Linear(d, width), nn.SiLU(), nn.Linear(width, 1))
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        hidden, out = nn.Linear(d, width), nn.Linear(width, 1)  # hidden first: the order of the seeded draws
+        nn.init.zeros_(out.weight)
+        nn.init.zeros_(out.bias)
+        self.net = nn.Sequential(hidden, nn.SiLU(), out)
 
     def forward(self, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        dtype = self.net[0].weight.dtype
+        dtype = next(self.net.parameters()).dtype  # the first layer's weight
         a, h = s.to(dtype)[:, None], (t - s).to(dtype)[:, None]
         feats = [a, h, torch.sin(a * self.k), torch.cos(a * self.k), torch.sin(h * self.k), torch.cos(h * self.k)]
         return self.net(torch.cat(feats, 1))[:, 0].to(s.dtype)

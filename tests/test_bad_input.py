@@ -149,16 +149,19 @@ CORPUS = [
     ("bool steps", ("steps = 6", "steps = true"), "train.steps: must be a number, not a boolean (got true)"),
     ("infinite lr", ("[train]", "[train]\nlr = inf"), "train.lr: must be a finite number (got inf)"),
     ("negative lr", ("[train]", "[train]\nlr = -0.1"), "train.lr: must be greater than 0 (got -0.1)"),
-    ("diagonal fraction", ('characterization = "lagrangian"', 'characterization = "lagrangian"\ndiagonal_fraction = 1.5'),
+    ("diagonal fraction",
+     ('characterization = "lagrangian"', 'characterization = "lagrangian"\ndiagonal_fraction = 1.5'),
      "objective.diagonal_fraction: must be less than or equal to 1 (got 1.5)"),
     ("empty steps", ("steps = [1, 2]", "steps = []"),
      "eval.steps: list should have at least 1 item after validation, not 0"),
-    ("zero batch", ("batch_size = 64", "batch_size = 0"), "train.batch_size: must be greater than or equal to 1 (got 0)"),
+    ("zero batch", ("batch_size = 64", "batch_size = 0"),
+     "train.batch_size: must be greater than or equal to 1 (got 0)"),
     ("unknown key", ("[train]", "[train]\nlearning_rate = 1"), "train.learning_rate: unknown key (valid: steps, "
      "batch_size, optimizer, lr, schedule, warmup_steps, decay_start, grad_clip, ema, ema_schedule, seed, device, "
      "checkpoint_every, log_every, keep_checkpoints, precision, compile, nonfinite)"),
     ("unknown dataset", ('kind = "checkerboard"', 'kind = "checkerbord"'),
-     "data.kind: unknown name 'checkerbord' (known: checkerboard, cifar10, digits, eight_gaussians, gaussian, gmm, image_folder, mnist, moons)"),
+     "data.kind: unknown name 'checkerbord' (known: checkerboard, cifar10, digits, eight_gaussians, gaussian, gmm, "
+     "image_folder, mnist, moons)"),
     ("base scale union", ('base_scale = "data_std"', 'base_scale = "big"'),
      "interpolant.base_scale: 'big' is not valid (valid: a number, data_std)"),
     ("negative base scale", ('base_scale = "data_std"', "base_scale = -1.0"),
@@ -166,10 +169,12 @@ CORPUS = [
     ("path in name", ('name = "tiny"', 'name = "../../etc"'),
      "name: must be a plain folder name: not empty, no '/', '\\' or control characters, not starting with '.' "
      "(got '../../etc')"),
-    ("teacher without section", ('characterization = "lagrangian"', 'characterization = "lagrangian"\ntarget = "teacher"'),
+    ("teacher without section",
+     ('characterization = "lagrangian"', 'characterization = "lagrangian"\ntarget = "teacher"'),
      'objective.target: "teacher" needs a [teacher] section (kind = "analytic", or kind = "run" '
      'with path = "RUN_FOLDER")'),
-    ("duplicate key", ("steps = 6", "steps = 6\nsteps = 7"), "TOML syntax error: Cannot overwrite a value (at line 21, column 10)"),
+    ("duplicate key", ("steps = 6", "steps = 6\nsteps = 7"),
+     "TOML syntax error: Cannot overwrite a value (at line 21, column 10)"),
 ]
 
 
@@ -187,7 +192,8 @@ def test_corpus_of_mistakes_is_one_exact_line(name, edit, message, tmp_path, mai
 def test_empty_and_missing_and_unreadable_files(tmp_path, main):
     empty = tmp_path / "empty.toml"
     empty.write_text("# nothing\n")
-    assert main("validate", empty)[::2] == (2, f"{empty}: the spec is empty (it needs at least [data] and [objective])\n")
+    assert main("validate", empty)[::2] == (
+        2, f"{empty}: the spec is empty (it needs at least [data] and [objective])\n")
     missing = tmp_path / "missing.toml"
     assert main("run", missing)[::2] == (2, f"{missing}: no such file\n")
     assert main("validate", tmp_path)[::2] == (2, f"{tmp_path}: cannot read: Is a directory\n")

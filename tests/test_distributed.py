@@ -160,7 +160,8 @@ def test_nproc_bad_input_is_one_line_before_any_process_starts(tmp_path):
     taken.mkdir()
     (taken / "x").write_text("")
     r = _run(["run", str(SPECS / "checkerboard-lsd.toml"), "--nproc", "2", "--out", str(taken)], tmp_path)
-    assert (r.returncode, r.stderr) == (2, f"{taken}: run folder exists (use --force to overwrite, or --out for another)\n")
+    assert (r.returncode, r.stderr) == (
+        2, f"{taken}: run folder exists (use --force to overwrite, or --out for another)\n")
     # a rank fails: its one line (torchrun may stop the other rank before it prints), then one summary
     spec = tmp_path / "mnist.toml"
     spec.write_text((SPECS / "digits-lsd.toml").read_text().replace('kind = "digits"', 'kind = "mnist"'))

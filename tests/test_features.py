@@ -72,8 +72,10 @@ def test_inception_weights_load_by_standard_names(tmp_path):
 
     net = InceptionV3Features()
     state = net.state_dict()
-    for name, shape in {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
-                        "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7), "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+    for name, shape in {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+                        "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
+                        "Mixed_6b.branch7x7_2.conv.weight": (128, 128, 1, 7),
+                        "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
                         "Mixed_7c.branch3x3dbl_3b.bn.running_var": (384,),
                         "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1)}.items():
         assert tuple(state[name].shape) == shape
@@ -84,7 +86,8 @@ def test_inception_weights_load_by_standard_names(tmp_path):
     out = loaded(torch.zeros(1, 3, 8, 8))
     assert out.shape == (1, 2048) and torch.isfinite(out).all() and (out >= 0).all()  # ReLU then mean
     (tmp_path / "w.pth").write_bytes(b"\x80\x02}q\x00.")  # a pickle: refused, with the conversion
-    with pytest.raises(ValueError, match=r"w.pth: not a safetensors file \(convert the .pth once to safetensors with the command in docs/images-and-gpus.md"):
+    with pytest.raises(ValueError, match=r"w.pth: not a safetensors file \(convert the .pth once to safetensors "
+                                         r"with the command in docs/images-and-gpus.md"):
         load_inception(tmp_path / "w.pth")
     del tensors["Mixed_6e.branch1x1.conv.weight"]
     save_file(tensors, str(tmp_path / "bad.safetensors"))
@@ -100,7 +103,8 @@ def test_fid_without_weights_is_a_one_line_error(tmp_path):
     base = {"data": {"kind": "digits"}, "objective": {"characterization": "lagrangian"},
             "network": {"kind": "unet", "channels": 8, "channel_mult": [1], "num_blocks": 1},
             "eval": {"metrics": ["fid"]}}
-    with pytest.raises(UserError, match=r"eval.metrics: fid needs the Inception weights: .*eval.metric_options.fid.weights"):
+    with pytest.raises(UserError,
+                       match=r"eval.metrics: fid needs the Inception weights: .*eval.metric_options.fid.weights"):
         compile_spec(validate(base))
     missing = tmp_path / "nope.pth"
     base["eval"]["metric_options"] = {"fid": {"weights": str(missing)}}

@@ -116,8 +116,8 @@ def test_exact_flow_map(oracle, data):
         tt = s + gap
         _, dX_dt = jvp(lambda r: fm(s, r, x), (tt,), (ones,))
         torch.testing.assert_close(dX_dt, oracle.velocity(tt, fm(s, tt, x)), atol=1e-12, rtol=0)
-        _, dX_ds = jvp(lambda r: fm(r, tt, x), (s,), (ones,))
-        _, adv = jvp(lambda y: fm(s, tt, y), (x,), (oracle.velocity(s, x),))
+        _, dX_ds = jvp(lambda r, tt=tt: fm(r, tt, x), (s,), (ones,))
+        _, adv = jvp(lambda y, tt=tt: fm(s, tt, y), (x,), (oracle.velocity(s, x),))
         torch.testing.assert_close(dX_ds + adv, torch.zeros_like(x), atol=1e-12, rtol=0)
     # perturbations: eps keeps the diagonal, diagonal_eps breaks it
     pert = ExactFlowMap(oracle, eps=0.1)

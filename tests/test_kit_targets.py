@@ -13,10 +13,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flowspec.flowmap import FlowMap as FlowMapOf
 from flowspec.interpolants import Linear
 from flowspec.ode import true_flow_map
 from flowspec.registry import Registry
-from flowspec.flowmap import FlowMap as FlowMapOf
 from flowspec.testing import AffineFlowMap, check_flow_map, check_objective, correlated_gaussian
 from flowspec.testing import CheckFailed as CheckFailedError
 from flowspec.testing import strategies as fst

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from flowspec.data.base import Dataset
 from flowspec.data.toy2d import Checkerboard, Gaussian, Moons
@@ -18,9 +19,9 @@ def test_metric_base():
     assert Metric.lower_is_better and HistogramKL.lower_is_better and EnergyDistance.lower_is_better
     assert HistogramKL().options.bins == 50 and EnergyDistance().options.max_samples == 4096
     assert issubclass(MetricUnavailable, ValueError)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         HistogramKL.Options(bins=0)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         HistogramKL.Options(bin=10)
 
 
@@ -85,7 +86,10 @@ class TinyImages(Dataset):
 def direct_energy(x: torch.Tensor, y: torch.Tensor) -> float:
     """2 E|X - Y| - E|X - X'| - E|Y - Y'|, pair by pair, within-set means over i != j."""
     x, y, n = x.flatten(1).double(), y.flatten(1).double(), len(x)
-    dist = lambda a, b: math.sqrt(sum((float(ai) - float(bi)) ** 2 for ai, bi in zip(a, b)))
+
+    def dist(a: torch.Tensor, b: torch.Tensor) -> float:
+        return math.sqrt(sum((float(ai) - float(bi)) ** 2 for ai, bi in zip(a, b)))
+
     cross = sum(dist(a, b) for a in x for b in y) / n**2
     within = sum(dist(u[i], u[j]) for u in (x, y) for i in range(n) for j in range(n) if i != j)
     return 2 * cross - within / (n * (n - 1))

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from flowspec import compile_spec
-from flowspec.spec import validate
 from flowspec.build import preconditioning
 from flowspec.engine import EMA, lr_factor
 from flowspec.networks.embeddings import FourierEmbedding, PositionalEmbedding
 from flowspec.networks.mlp import MLP, MLPOptions
 from flowspec.networks.unet import UNet, UNetOptions
+from flowspec.spec import validate
 
 TINY = {"data": {"kind": "checkerboard"}, "network": {"kind": "mlp", "width": 16, "depth": 2},
         "objective": {"characterization": "lagrangian"},

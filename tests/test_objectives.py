@@ -18,12 +18,11 @@ from torch import nn
 from flowspec.flowmap import FlowMap
 from flowspec.interpolants import Linear, Trig
 from flowspec.networks.mlp import MLP, MLPOptions
-from flowspec.objectives.base import Batch, Objective, squared_norm
+from flowspec.objectives.base import Batch, Objective, Teacher, squared_norm
 from flowspec.objectives.eulerian import Eulerian
 from flowspec.objectives.flow_matching import FlowMatching
 from flowspec.objectives.lagrangian import Lagrangian
 from flowspec.objectives.progressive import Progressive
-from flowspec.objectives.base import Teacher
 from flowspec.teachers import SelfTeacher
 from flowspec.testing import ExactFlowMap, GaussianOracle
 

@@ -157,7 +157,7 @@ def test_signal_writes_a_checkpoint_and_says_how_to_resume(spec_path, reference,
     monkeypatch.setattr(engine, "step", step)
     code, out, err = main("run", "--resume", run_dir)
     assert code == 0, err
-    assert f"(resumed at step 7)" in err
+    assert "(resumed at step 7)" in err
     assert_same_run(run_dir, reference)
 
 
@@ -232,10 +232,8 @@ def test_corrupted_latest_falls_back_to_the_previous_good_checkpoint(reference, 
     truncated.write_bytes(truncated.read_bytes()[:100])
     warnings: list[str] = []
     assert checkpoint.latest(run_dir, warnings.append) == ckpt / "step-00000008.safetensors"
-    assert warnings == [
-        f"warning: {last}: checksum mismatch: the checkpoint is truncated or corrupted; skipped for the previous checkpoint",
-        f"warning: {truncated}: checksum mismatch: the checkpoint is truncated or corrupted; skipped for the previous checkpoint",
-    ]
+    damaged = "checksum mismatch: the checkpoint is truncated or corrupted; skipped for the previous checkpoint"
+    assert warnings == [f"warning: {last}: {damaged}", f"warning: {truncated}: {damaged}"]
     graph = resume(run_dir, spec, "spec.toml", warnings.append)
     assert graph.step_count == 8
     assert checkpoint.stems(ckpt) == ["step-00000008"]  # the bad newer ones are gone: they come again
@@ -272,7 +270,6 @@ def test_all_checkpoints_bad_is_one_line(reference, tmp_path, main):
 
 def test_crafted_pickle_is_never_unpickled(reference, tmp_path, main):
     """A pickle that would run code, renamed as a checkpoint, with metadata whose checksum matches."""
-    import hashlib
     import pickle
 
     _, run_dir = copy_of(reference, tmp_path)

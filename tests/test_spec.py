@@ -41,7 +41,8 @@ def test_overrides_are_typed(tiny_spec):
 
 
 def test_bad_override_syntax(tiny_spec):
-    assert errors_of(tiny_spec(), ["train.steps"]) == ["--set train.steps: expected section.key=value (e.g. train.steps=100)"]
+    assert errors_of(tiny_spec(), ["train.steps"]) == [
+        "--set train.steps: expected section.key=value (e.g. train.steps=100)"]
 
 
 def test_every_mistake_is_reported_once_per_line(tmp_path):
@@ -93,7 +94,8 @@ def test_objective_options_are_per_characterization():
     ok = validate({"data": {"kind": "checkerboard"}, "objective": {"characterization": "progressive", "gamma": "half"}})
     assert ok.objective.gamma == "half"
     with pytest.raises(UserError) as info:
-        validate({"data": {"kind": "checkerboard"}, "objective": {"characterization": "lagrangian", "gamma": "half"}}, "x.toml")
+        validate({"data": {"kind": "checkerboard"},
+                  "objective": {"characterization": "lagrangian", "gamma": "half"}}, "x.toml")
     assert info.value.lines[0].startswith("x.toml: objective.gamma: unknown key (valid: ")
 
 

@@ -236,8 +236,7 @@ def test_analytic_teacher_is_the_exact_velocity_and_lmd_trains(tiny_spec):
 
 
 def test_resolved_spec_with_teacher_and_ode_reads_back(tiny_spec):
-    from flowspec.spec import load_spec, to_toml, validate
-    from flowspec.spec import tomllib
+    from flowspec.spec import load_spec, to_toml, tomllib, validate
 
     extra = '[teacher]\nkind = "analytic"\n'
     spec = load_spec(tiny_spec(extra=extra), ["objective.target=teacher",
@@ -313,10 +312,9 @@ def test_cli_sample_with_a_solver_prints_nfe(teacher_run, tmp_path):
 def test_every_shipped_spec_validates():
     from pathlib import Path
 
-    from flowspec.spec import load_spec
-
     from flowspec.errors import UserError
     from flowspec.registry import default_registry
+    from flowspec.spec import load_spec
 
     # .ci/run installs the example plugin after the suite; FLOWSPEC_BUILTINS_ONLY=1 ignores it
     plugin = "power" in default_registry().names("interpolants")

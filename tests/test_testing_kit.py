@@ -15,19 +15,28 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flowspec.data.toy2d import Checkerboard
 from flowspec.flowmap import FlowMap
 from flowspec.interpolants import Linear, Trig
 from flowspec.jvp import jvp
+from flowspec.metrics import EnergyDistance, MetricUnavailable
 from flowspec.networks.mlp import MLP, MLPOptions
 from flowspec.objectives.eulerian import Eulerian
 from flowspec.objectives.flow_matching import FlowMatching
 from flowspec.objectives.lagrangian import Lagrangian
 from flowspec.objectives.progressive import Progressive
 from flowspec.registry import Registry
-from flowspec.data.toy2d import Checkerboard
-from flowspec.metrics import EnergyDistance, MetricUnavailable
-from flowspec.testing import (CheckFailed, ExactFlowMap, GaussianOracle, PerturbedFlowMap, check_dataset,
-                              check_flow_map, check_interpolant, check_metric, check_objective)
+from flowspec.testing import (
+    CheckFailed,
+    ExactFlowMap,
+    GaussianOracle,
+    PerturbedFlowMap,
+    check_dataset,
+    check_flow_map,
+    check_interpolant,
+    check_metric,
+    check_objective,
+)
 from flowspec.testing import strategies as fst
 
 F64 = torch.float64

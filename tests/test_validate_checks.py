@@ -12,7 +12,8 @@ TINY_TEXT = TINY.format(characterization="lagrangian")
 #: (overrides, the line validate prints after the file name)
 MISTAKES = [
     (['objective.target="teacher"'],
-     'objective.target: "teacher" needs a [teacher] section (kind = "analytic", or kind = "run" with path = "RUN_FOLDER")'),
+     'objective.target: "teacher" needs a [teacher] section (kind = "analytic", or kind = "run" '
+     'with path = "RUN_FOLDER")'),
     (['data.kind="moons"', 'teacher={kind="analytic"}', 'eval.metrics=["energy"]'],
      'teacher.kind: "analytic" needs a dataset with a closed-form velocity; moons has none '
      "(valid: gaussian, gmm, eight_gaussians, checkerboard)"),
@@ -26,10 +27,12 @@ MISTAKES = [
     (['eval.ode=[{solver="euler",steps=4,velocity="teacher"}]'],
      'eval.ode: teacher euler K=4: velocity = "teacher" needs a [teacher] section'),
     (["train.batch_size=1e11"], "train.batch_size: 100,000,000,000 samples of shape (2,) need at least "),
-    (["network.width=4611686018427387904"], "network.width: 4611686018427387904 asks for a network that cannot be built"),
+    (["network.width=4611686018427387904"],
+     "network.width: 4611686018427387904 asks for a network that cannot be built"),
     (["network.width=1000000"], "network.width: 1000000 gives 1,000,008,000,002 parameters, about "),
     (["data.scale=1e38"], "data.scale: the data's standard deviation is 1.15e+38; losses (sums of squares) overflow"),
-    ([f'name="{"n" * 300}"'], "name: must be at most 100 bytes long (it names a folder, with a timestamp added) (got 'nnn"),
+    ([f'name="{"n" * 300}"'],
+     "name: must be at most 100 bytes long (it names a folder, with a timestamp added) (got 'nnn"),
 ]
 
 

@@ -16,14 +16,15 @@ class Dataset:
     """Base class. Constructed as ``Dataset(options)``.
 
     Subclasses set ``shape`` (per-sample shape) and implement :meth:`sample`; they may override
-    :meth:`std` (else estimated from 100,000 samples), :meth:`bounds` and :meth:`cell_mass`.
+    :meth:`std` (else estimated from 100,000 samples), :meth:`bounds` and :meth:`cell_mass`. A
+    subclass with its own ``Options`` declares ``options: ThoseOptions`` too, for the type checker.
     """
 
     Options: ClassVar[type[DatasetOptions]] = DatasetOptions
     shape: tuple[int, ...] = (2,)
 
     def __init__(self, options: DatasetOptions | None = None):
-        self.options = options if options is not None else self.Options()
+        self.options: DatasetOptions = options if options is not None else self.Options()
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """n samples, float32, shape (n, *shape), on the CPU."""

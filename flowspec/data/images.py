@@ -38,6 +38,7 @@ class ImageDataset(Dataset):
     """Base class: subclasses implement :meth:`load` returning uint8 (N, C, H, W) and set ``max_value``."""
 
     Options: ClassVar[type[ImageDatasetOptions]] = ImageDatasetOptions
+    options: ImageDatasetOptions
     max_value: ClassVar[float] = 255.0
     #: the per-sample shape when it is known without reading the images (for ``flowspec validate``)
     known_shape: ClassVar[tuple[int, ...] | None] = None
@@ -133,6 +134,7 @@ class MNIST(ImageDataset):
     shape (1, 28, 28), in [-1, 1]."""
 
     Options = FileDatasetOptions
+    options: FileDatasetOptions
     known_shape = (1, 28, 28)
 
     def load(self) -> np.ndarray:
@@ -152,6 +154,7 @@ class CIFAR10(ImageDataset):
     above ``cifar-10-batches-bin``), shape (3, 32, 32), in [-1, 1]."""
 
     Options = FileDatasetOptions
+    options: FileDatasetOptions
     known_shape = (3, 32, 32)
     record = 1 + 3 * 32 * 32
 
@@ -189,6 +192,7 @@ class ImageFolder(ImageDataset):
     """Every ``*.png`` under ``root`` (sorted by path), all the same size: shape (channels, H, W), in [-1, 1]."""
 
     Options = ImageFolderOptions
+    options: ImageFolderOptions
 
     def load(self) -> np.ndarray:
         root = Path(self.options.root)

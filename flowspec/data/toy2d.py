@@ -8,7 +8,7 @@ of each cell of a 2-D histogram grid (float64), which the histogram KL metric co
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import ClassVar
 
 import torch
 from pydantic import Field, PositiveFloat, model_validator
@@ -49,6 +49,7 @@ class Checkerboard(Dataset):
     """
 
     Options = CheckerboardOptions
+    options: CheckerboardOptions
     shape = (2,)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -86,12 +87,12 @@ class GaussianMixtureOptions(DatasetOptions):
         [[-2.0, 0.0], [2.0, 0.0], [0.0, 2.5]], min_length=1, description="component means, K lists of D floats"
     )
     stds: list[PositiveFloat] = Field([0.5, 0.5, 0.5], description="isotropic std of each component (K)")
-    weights: Optional[list[PositiveFloat]] = Field(
+    weights: list[PositiveFloat] | None = Field(
         None, description="component weights (K), normalized by their sum; None: uniform"
     )
 
     @model_validator(mode="after")
-    def _check_lengths(self) -> "GaussianMixtureOptions":
+    def _check_lengths(self) -> GaussianMixtureOptions:
         k, dims = len(self.means), {len(m) for m in self.means}
         if len(dims) != 1 or 0 in dims:
             raise ValueError(f"means must all have the same positive dimension, got dimensions {sorted(dims)}")
@@ -111,7 +112,8 @@ class GaussianMixture(Dataset):
     cell_mass (D = 2 only): sum_k w_k Px_k(i) Py_k(j), products of normal CDF differences.
     """
 
-    Options = GaussianMixtureOptions
+    #: EightGaussians and Gaussian bring options of their own (and their own :meth:`mixture`)
+    Options: ClassVar[type[DatasetOptions]] = GaussianMixtureOptions
     pad = 4.0
 
     def __init__(self, options: DatasetOptions | None = None):
@@ -121,6 +123,8 @@ class GaussianMixture(Dataset):
     def mixture(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weights (K,), means (K, D), stds (K,)), float64; weights sum to 1."""
         o = self.options
+        if not isinstance(o, GaussianMixtureOptions):
+            raise TypeError(f"{type(self).__name__}: options other than GaussianMixture's need their own mixture()")
         w = torch.tensor(o.weights if o.weights is not None else [1.0] * len(o.means), dtype=torch.float64)
         return w / w.sum(), torch.tensor(o.means, dtype=torch.float64), torch.tensor(o.stds, dtype=torch.float64)
 
@@ -161,6 +165,7 @@ class EightGaussians(GaussianMixture):
     """8 equal-weight components N(r (cos(k pi/4), sin(k pi/4)), std^2 I), k = 0, ..., 7."""
 
     Options = EightGaussiansOptions
+    options: EightGaussiansOptions
 
     def mixture(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(weights (8,), means (8, 2), stds (8,)), float64."""
@@ -172,11 +177,11 @@ class EightGaussians(GaussianMixture):
 
 class GaussianOptions(DatasetOptions):
     dim: int = Field(2, gt=0, description="dimension D")
-    mean: Union[float, list[float]] = Field(0.0, description="mean: one float for every coordinate, or D floats")
+    mean: float | list[float] = Field(0.0, description="mean: one float for every coordinate, or D floats")
     std: PositiveFloat = Field(1.0, description="isotropic standard deviation")
 
     @model_validator(mode="after")
-    def _check_mean(self) -> "GaussianOptions":
+    def _check_mean(self) -> GaussianOptions:
         if isinstance(self.mean, list) and len(self.mean) != self.dim:
             raise ValueError(f"mean has {len(self.mean)} entries but dim is {self.dim}")
         return self
@@ -186,6 +191,7 @@ class Gaussian(GaussianMixture):
     """N(mean, std^2 I) in ``dim`` dimensions: a one-component mixture. bounds: mean +- 5 std."""
 
     Options = GaussianOptions
+    options: GaussianOptions
     pad = 5.0
 
     def mixture(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,6 +217,7 @@ class Moons(Dataset):
     """
 
     Options = MoonsOptions
+    options: MoonsOptions
     shape = (2,)
     center = (0.5, 0.25)
     half_width = (1.5, 0.75)  # the noiseless shape spans center +- half_width

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat
@@ -16,7 +16,7 @@ class NetworkOptions(BaseModel):
     mean square of the data's per-dimension standard deviations."""
 
     model_config = ConfigDict(extra="forbid")
-    scale: Union[PositiveFloat, Literal["data_std"]] = Field(
+    scale: PositiveFloat | Literal["data_std"] = Field(
         1.0, description='preconditioning c in X = x + (t - s) c net(x / c, s, t); "data_std": the data\'s '
         'RMS standard deviation; 1: none')
 

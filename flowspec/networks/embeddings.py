@@ -39,6 +39,8 @@ class PositionalEmbedding(nn.Module):
     features) and 1 otherwise.
     """
 
+    freqs: torch.Tensor  # a buffer (nn.Module's attribute lookup is untyped)
+
     def __init__(self, dim: int, scale: float = 1000.0, max_period: float = 10_000.0,
                  magnitude_preserving: bool = False):
         super().__init__()
@@ -59,6 +61,8 @@ class PositionalEmbedding(nn.Module):
 class FourierEmbedding(nn.Module):
     """Random Fourier features: (B,) -> (B, dim), [cos(2 pi f_k t), sin(2 pi f_k t)]_k with
     f_k ~ N(0, scale^2) drawn once from a fixed seed (so two networks of one spec agree)."""
+
+    freqs: torch.Tensor  # a buffer
 
     def __init__(self, dim: int, scale: float = 1.0, seed: int = 0):
         super().__init__()

@@ -14,6 +14,7 @@ measures what each one is worth.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -24,8 +25,9 @@ from flowspec.jvp import Linear
 from flowspec.networks.base import Network, NetworkOptions
 from flowspec.networks.embeddings import FourierEmbedding, PositionalEmbedding, RawTime
 
-ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU,
-               "relu": nn.ReLU, "tanh": nn.Tanh}
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU, "relu": nn.ReLU,
+    "tanh": nn.Tanh}
 
 #: std of a standard normal truncated to [-2, 2]: lecun_normal divides by it so the variance is 1 / fan_in
 _TRUNC_STD = 0.87962566103423978
@@ -66,6 +68,7 @@ class MLP(Network):
     """v(x, s, t) = MLP([x, emb(s), emb(t) or emb(t - s)]): input (B, *shape), output (B, *shape)."""
 
     Options = MLPOptions
+    options: MLPOptions
 
     def __init__(self, options: MLPOptions, shape: tuple[int, ...]):
         super().__init__(options, shape)
@@ -85,7 +88,7 @@ class MLP(Network):
                     lecun_normal_(m)
 
     @staticmethod
-    def _embedding(o: MLPOptions) -> nn.Module:
+    def _embedding(o: MLPOptions) -> RawTime | PositionalEmbedding | FourierEmbedding:
         if o.time_embedding == "positional":
             return PositionalEmbedding(o.embedding_dim, scale=o.embedding_scale)
         if o.time_embedding == "fourier":

@@ -27,12 +27,12 @@ The output layer has a learned gain initialized to 0, so v = 0 and X = id at ini
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from typing import Literal, Optional
-
 from pydantic import Field, PositiveFloat
 from torch import nn
 
@@ -83,7 +83,7 @@ class MPConv(nn.Module):
         self.weight = nn.Parameter(torch.randn(shape))
 
     def forward(self, x: torch.Tensor, gain: float | torch.Tensor = 1.0) -> torch.Tensor:
-        w = self.weight
+        w: torch.Tensor = self.weight
         w = normalize(w.float() if w.dtype in (torch.float16, torch.bfloat16) else w)
         w = w * (gain / math.sqrt(w[0].numel()))
         w = w.to(x.dtype) if not torch.is_autocast_enabled(x.device.type) else w
@@ -133,7 +133,7 @@ class Block(nn.Module):
         if self.flavor == "dec" and self.conv_skip is not None:
             x = self.conv_skip(x)
         x = mp_sum(x, y, self.res_balance)
-        if self.heads:
+        if self.attn_qkv is not None and self.attn_proj is not None:  # self.heads > 0
             b, ch, h, w = x.shape
             qkv = self.attn_qkv(x).reshape(b, self.heads, ch // self.heads, 3, h * w)
             q, k, v = normalize(qkv, dim=2).unbind(3)  # each (B, heads, d, HW), unit rms over d
@@ -156,7 +156,7 @@ class UNetOptions(NetworkOptions):
     time_embedding: Literal["edm2", "positional"] = Field(
         "edm2", description="edm2: magnitude-preserving sinusoids of t, frequencies <= 1 (EDM2, the reference "
         "U-Net); positional: sinusoids of 1000 t (the DDPM code)")
-    embedding_dim: Optional[int] = Field(
+    embedding_dim: int | None = Field(
         None, gt=0, multiple_of=2, description="size of each time embedding (s and t - s); unset: "
         "channels * channel_mult[0], as EDM2")
     scale: PositiveFloat | Literal["data_std"] = Field(
@@ -169,6 +169,7 @@ class UNet(Network):
     s and t - s through positional embeddings (the module docstring gives the layers)."""
 
     Options = UNetOptions
+    options: UNetOptions
 
     def __init__(self, options: UNetOptions, shape: tuple[int, ...]):
         super().__init__(options, shape)
@@ -185,10 +186,10 @@ class UNet(Network):
         c_emb = o.channels * max(o.channel_mult)
         dim = o.embedding_dim or o.channels * o.channel_mult[0]
         edm2 = o.time_embedding == "edm2"
-        self.embed_s, self.embed_dt = (PositionalEmbedding(dim, scale=1.0 if edm2 else 1000.0, magnitude_preserving=edm2)
-                                       for _ in range(2))
+        self.embed_s, self.embed_dt = (
+            PositionalEmbedding(dim, scale=1.0 if edm2 else 1000.0, magnitude_preserving=edm2) for _ in range(2))
         self.emb_s, self.emb_dt = MPConv(dim, c_emb), MPConv(dim, c_emb)
-        block = dict(c_emb=c_emb, channels_per_head=o.channels_per_head, dropout=o.dropout)
+        block = functools.partial(Block, c_emb=c_emb, channels_per_head=o.channels_per_head, dropout=o.dropout)
         attn = set(o.attention_resolutions)
 
         self.conv_in = MPConv(c_img + 1, o.channels * o.channel_mult[0], 3)
@@ -198,26 +199,26 @@ class UNet(Network):
         for level, mult in enumerate(o.channel_mult):
             res = h >> level
             if level > 0:
-                self.enc.append(Block(cout, cout, flavor="enc", resample="down", **block))
+                self.enc.append(block(cout, cout, flavor="enc", resample="down"))
                 skips.append(cout)
             for _ in range(o.num_blocks):
                 cin, cout = cout, o.channels * mult
-                self.enc.append(Block(cin, cout, flavor="enc", attention=res in attn, **block))
+                self.enc.append(block(cin, cout, flavor="enc", attention=res in attn))
                 skips.append(cout)
         self.dec = nn.ModuleList()
         self.dec_concat: list[bool] = []
         for level in reversed(range(len(o.channel_mult))):
             res, mult = h >> level, o.channel_mult[level]
             if level == len(o.channel_mult) - 1:
-                self.dec.append(Block(cout, cout, flavor="dec", attention=True, **block))
-                self.dec.append(Block(cout, cout, flavor="dec", **block))
+                self.dec.append(block(cout, cout, flavor="dec", attention=True))
+                self.dec.append(block(cout, cout, flavor="dec"))
                 self.dec_concat += [False, False]
             else:
-                self.dec.append(Block(cout, cout, flavor="dec", resample="up", **block))
+                self.dec.append(block(cout, cout, flavor="dec", resample="up"))
                 self.dec_concat.append(False)
             for _ in range(o.num_blocks + 1):
                 cin, cout = cout + skips.pop(), o.channels * mult
-                self.dec.append(Block(cin, cout, flavor="dec", attention=res in attn, **block))
+                self.dec.append(block(cin, cout, flavor="dec", attention=res in attn))
                 self.dec_concat.append(True)
         self.conv_out = MPConv(cout, c_img, 3)
         self.out_gain = nn.Parameter(torch.zeros([]))

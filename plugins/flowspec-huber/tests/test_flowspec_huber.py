@@ -7,9 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowspec.data.toy2d import Gaussian
+from flowspec.data.toy2d import Checkerboard, Gaussian
 from flowspec.registry import Registry
-from flowspec.data.toy2d import Checkerboard
 from flowspec.testing import check_interpolant, check_metric, check_objective
 from flowspec.testing import strategies as fst
 from flowspec_huber import HuberLagrangian, MomentError, Power
