@@ -25,9 +25,18 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
 
+from benchmarks.common import (
+    compile_method,
+    default_out,
+    interleaved,
+    print_table,
+    ratios,
+    resolve_device,
+    setup_threads,
+    summary,
+    write_result,
+)
 from flowspec import engine
-from benchmarks.common import (compile_method, default_out, interleaved, print_table, ratios, resolve_device,
-                               setup_threads, summary, write_result)
 
 TARGET = 1.03  # the compiled step within 3% of the hand-written one
 

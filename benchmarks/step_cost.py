@@ -33,8 +33,8 @@ from benchmarks.common import (
     summary,
     write_result,
 )
-from flowspec.jvp import jvp
 from flowspec import engine
+from flowspec.jvp import jvp
 
 #: the issue's targets at the paper's 4 x 512 MLP, batch 4096, eta = 0.75 (ratio to a flow-matching step)
 TARGETS = {"lsd": 1.45, "esd": 1.45, "esd-none": 1.45, "psd-u": 1.25, "psd-m": 1.25}
@@ -44,7 +44,8 @@ def loss_backward(graph):
     """The objective's share of a step: loss and backward only (no optimizer, clipping or EMA)."""
     def run():
         graph.model.zero_grad(set_to_none=True)
-        out = graph.objective(graph.model, graph.interpolant, graph.teacher, engine.draw_batch(graph, graph.spec.train.batch_size))
+        batch = engine.draw_batch(graph, graph.spec.train.batch_size)
+        out = graph.objective(graph.model, graph.interpolant, graph.teacher, batch)
         out.loss.backward()
     return run
 
@@ -98,7 +99,8 @@ def main(argv=None) -> dict:
     if "fm" not in methods:
         methods = ["fm"] + methods
     graphs = {m: compile_method(m, a.batch, device, a.width, a.depth) for m in methods}
-    step_times = interleaved({m: functools.partial(engine.step, graphs[m]) for m in methods}, device, a.reps, a.inner, a.warmup)
+    steps = {m: functools.partial(engine.step, graphs[m]) for m in methods}
+    step_times = interleaved(steps, device, a.reps, a.inner, a.warmup)
     lb_times = interleaved({m: loss_backward(graphs[m]) for m in methods}, device, a.reps, a.inner, a.warmup)
     c = measure_c(graphs["fm"], device, a.reps, a.inner, a.warmup)
     c_measured = c["C"]["median"]

@@ -126,7 +126,7 @@ def check_teacher(path: str, shape, chain: list[Path], lines: list[str]) -> None
                      f"this spec's {tuple(shape)}")
     t = spec.teacher
     if t is not None and t.kind == "run":
-        check_teacher(t.path, facts.shape, chain + [key], lines)
+        check_teacher(t.run_folder, facts.shape, chain + [key], lines)
 
 
 def check_metrics(spec, registry: Registry, dataset, real: bool, lines: list[str]) -> None:
@@ -209,7 +209,7 @@ def check_spec(spec, registry: Registry | None = None) -> list[str]:
         lines.append(f'teacher.kind: "analytic" needs a dataset with a closed-form velocity; '
                      f'{spec.data.kind} has none (valid: gaussian, gmm, eight_gaussians, checkerboard)')
     if t is not None and t.kind == "run":
-        check_teacher(t.path, shape, [], lines)
+        check_teacher(t.run_folder, shape, [], lines)
     for row in spec.eval.ode:
         if row.velocity == "teacher" and t is None:
             lines.append(f'eval.ode: {row.label()}: velocity = "teacher" needs a [teacher] section')

@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -33,7 +32,7 @@ def warn(*lines: str) -> None:
     sys.stderr.flush()
 
 
-def _load(spec: Path, overrides: Optional[List[str]]):
+def _load(spec: Path, overrides: list[str] | None):
     from flowspec.spec import load_spec
 
     return load_spec(spec, overrides or [])
@@ -58,18 +57,20 @@ def _compile(s, source: Path):
 
 
 @app.command()
-def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); with --resume, optional"),
-        set_: Optional[List[str]] = SetOption,
+def run(spec: Path | None = typer.Argument(None, help="the spec file (TOML); with --resume, optional"),
+        set_: list[str] | None = SetOption,
         runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="parent of new run folders"),
-        out_dir: Optional[Path] = typer.Option(None, "--out", help="exact run folder to create"),
+        out_dir: Path | None = typer.Option(None, "--out", help="exact run folder to create"),
         force: bool = typer.Option(False, "--force", help="overwrite an existing run folder"),
-        resume: Optional[Path] = typer.Option(None, "--resume", help="continue this run folder from its "
+        resume: Path | None = typer.Option(None, "--resume", help="continue this run folder from its "
                                               "newest good checkpoint (only train.steps may change)"),
         nproc: int = typer.Option(1, "--nproc", min=1, help="data-parallel processes on this machine: "
                                   "shortcut for torchrun --standalone --nproc_per_node N -m flowspec run ...")) -> None:
     """Train, evaluate and write a run folder (or continue one with --resume)."""
+    from flowspec.runfolder import make as make_run_dir
+    from flowspec.runfolder import refuse_existing
     from flowspec.runs import RunFolder
-    from flowspec.train import make_run_dir, refuse_existing, train
+    from flowspec.train import train
 
     if resume is not None and (out_dir is not None or force):
         raise UserError("run: --resume continues RUN_DIR in place; --out and --force do not apply to it")
@@ -92,6 +93,7 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
             runfolder.check_free(resume)
             precheck(nproc, s, source, resume)
         else:
+            assert spec is not None  # (checked above)
             precheck(nproc, _load(spec, set_), spec, None)
             if out_dir is not None:
                 refuse_existing(out_dir, force)
@@ -102,18 +104,19 @@ def run(spec: Optional[Path] = typer.Argument(None, help="the spec file (TOML); 
         return
     from flowspec import runfolder
 
+    assert spec is not None  # (checked above: a fresh run has a spec file)
     s = _load(spec, set_)
     runfolder.own_run[0] = out_dir
     ctx = _join(s)
     if ctx.is_main and out_dir is not None:
         refuse_existing(out_dir, force)  # before compiling: a folder that may not be used is refused at once
     graph = _compile(s, spec)
-    run_dir = None
-    if ctx.is_main:
-        run_dir = make_run_dir(s.name, runs_dir, out_dir, force)
-        err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir}", soft_wrap=True)
-    if ctx.enabled:  # one folder for all: rank 0's (its name has rank 0's timestamp)
-        run_dir = Path(distributed.broadcast_text(str(run_dir) if run_dir else None, graph.device))
+    made = make_run_dir(s.name, runs_dir, out_dir, force) if ctx.is_main else None
+    if made is not None:
+        err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {made}", soft_wrap=True)
+    # one folder for all: rank 0's (its name has rank 0's timestamp)
+    run_dir = Path(distributed.broadcast_text(str(made) if made else None, graph.device)) if ctx.enabled else made
+    assert run_dir is not None
     try:
         train(graph, run_dir, err)
     except BaseException:
@@ -134,7 +137,7 @@ def _join(s):
     return distributed.init(distributed.resolve_device(s.train.device).type)
 
 
-def resumed_spec(run_dir: Path, spec: Optional[Path], overrides: Optional[List[str]]):
+def resumed_spec(run_dir: Path, spec: Path | None, overrides: list[str] | None):
     """(the spec to continue ``run_dir`` with: ``spec``, or the run's own spec.toml, with ``overrides``;
     the file it came from; its name in messages: that file, or ``--set``, the only way the run's own
     spec can differ from the run's)."""
@@ -144,11 +147,10 @@ def resumed_spec(run_dir: Path, spec: Optional[Path], overrides: Optional[List[s
     return _load(source, overrides), source, str(spec) if spec is not None else "--set"
 
 
-def run_resumed(run_dir: Path, spec: Optional[Path], overrides: Optional[List[str]]) -> None:
+def run_resumed(run_dir: Path, spec: Path | None, overrides: list[str] | None) -> None:
     """``run --resume``: the run's own spec (or ``spec``, which must match it but for train.steps)."""
-    from flowspec.train import resume, train
-
     from flowspec import runfolder
+    from flowspec.train import resume, train
 
     s, source, name = resumed_spec(run_dir, spec, overrides)
     runfolder.own_run[0] = run_dir
@@ -167,12 +169,11 @@ def run_resumed(run_dir: Path, spec: Optional[Path], overrides: Optional[List[st
 
 @app.command()
 def validate(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
-             set_: Optional[List[str]] = SetOption,
+             set_: list[str] | None = SetOption,
              show: bool = typer.Option(False, "--show", help="print the resolved spec")) -> None:
     """Check a spec; print every mistake, one line each."""
-    from flowspec.spec import to_toml
-
     from flowspec.checks import check_spec
+    from flowspec.spec import to_toml
 
     s = _load(spec, set_)
     problems = check_spec(s)
@@ -186,7 +187,7 @@ def validate(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
 
 @app.command()
 def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
-            set_: Optional[List[str]] = SetOption) -> None:
+            set_: list[str] | None = SetOption) -> None:
     """Describe the compiled training graph in words."""
     s = _load(spec, set_)
     g = _compile(s, spec)
@@ -201,7 +202,8 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
         f"  characterization  {obj.characterization}; target {o.target}; diagonal fraction eta = {o.diagonal_fraction}",
         f"  data              {s.data.kind}, shape {tuple(g.dataset.shape)}",
         f"  interpolant       {s.interpolant.kind}; base x0 ~ N(0, c^2 I), c = {s.interpolant.base_scale}"
-        + (f" = {[round(v, 4) for v in g.base.scale.flatten().tolist()]}" if s.interpolant.base_scale == "data_std" else ""),
+        + (f" = {[round(v, 4) for v in g.base.scale.flatten().tolist()]}"
+           if s.interpolant.base_scale == "data_std" else ""),
         f"  network           {s.network.kind}: {g.parameter_count():,} parameters; X = x + (t - s) v(s, t, x)"
         + (f", v = {g.model.scale:g} net(x / {g.model.scale:g}, s, t)" if g.model.scale != 1.0 else ""),
         f"  device            {g.device}",
@@ -225,7 +227,7 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
            out_file: Path = typer.Option(..., "--out", help="output .npy file: float32 (N, D)"),
            seed: int = typer.Option(0, "--seed", help="seed of the base samples"),
            device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-           solver: Optional[str] = typer.Option(
+           solver: str | None = typer.Option(
                None, "--solver", help="integrate the diagonal velocity v_{t,t} instead: "
                "euler | midpoint | heun | rk4 (--steps K) | dopri5 (--rtol, --atol)"),
            rtol: float = typer.Option(1e-5, "--rtol", help="dopri5 relative tolerance"),
@@ -280,7 +282,8 @@ def plugins() -> None:
 
 
 @app.command()
-def schema(markdown: bool = typer.Option(False, "--markdown", help="the spec reference (docs/spec.md) instead")) -> None:
+def schema(markdown: bool = typer.Option(False, "--markdown",
+                                         help="the spec reference (docs/spec.md) instead")) -> None:
     """Print the JSON schema of the spec (for editors)."""
     from flowspec.spec import spec_model
     from flowspec.spec.reference import reference

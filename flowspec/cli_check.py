@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -11,12 +12,15 @@ from rich.console import Console
 
 from flowspec.build import base_scale, build, seeded
 from flowspec.data.analytic import exact_velocity
+from flowspec.data.base import Dataset
+from flowspec.interpolants import Interpolant
 from flowspec.registry import default_registry
 from flowspec.runs import LoadedMap, RunFolder, Warn
 from flowspec.testing.flow_map_checks import CONDITIONS, flow_map_residuals
 
 
-def reference_velocity(run: RunFolder, loaded: LoadedMap, dataset, interpolant) -> tuple[object, str]:
+def reference_velocity(run: RunFolder, loaded: LoadedMap, dataset: Dataset, interpolant: Interpolant
+                       ) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
     """(b(t, x), its name) a run's map is checked against: the dataset's exact velocity, else the
     [teacher] velocity, else the map's own diagonal v_{t,t} (then only self-consistency is measured)."""
     exact = exact_velocity(dataset, interpolant, base_scale(run.spec, dataset))
@@ -27,7 +31,7 @@ def reference_velocity(run: RunFolder, loaded: LoadedMap, dataset, interpolant) 
         from flowspec.teachers import load_run_teacher
 
         device = next(loaded.flow_map.parameters()).device
-        return load_run_teacher(t.path, device, loaded.shape).velocity, "teacher"
+        return load_run_teacher(t.run_folder, device, loaded.shape).velocity, "teacher"
     return loaded.flow_map.velocity, "own diagonal v_{t,t}"
 
 

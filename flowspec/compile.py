@@ -38,7 +38,7 @@ def _frozen_teacher(spec: SpecView, registry: Registry, dataset: Dataset, device
     if t is None:
         return None
     if t.kind == "run":
-        return load_run_teacher(t.path, device, tuple(dataset.shape))
+        return load_run_teacher(t.run_folder, device, tuple(dataset.shape))
     interpolant = build(registry, "interpolants", spec.interpolant)
     if exact_velocity(dataset, interpolant, 1.0) is None:
         raise UserError(f'teacher.kind: "analytic" needs a dataset with a closed-form velocity; '

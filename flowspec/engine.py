@@ -13,7 +13,7 @@ import math
 import random
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -41,7 +41,10 @@ def lr_factor(o: TrainOptions, step: int) -> float:
     return warm * decay
 
 
-class EMA:
+M = TypeVar("M", bound=torch.nn.Module)
+
+
+class EMA(Generic[M]):
     """Exponential moving average of a module's parameters (buffers are copied), theta_ema <-
     theta_ema + w_k (theta - theta_ema) at the k-th update (k = 1, 2, ...), w_k = 1 - d_k:
 
@@ -51,9 +54,9 @@ class EMA:
       of the iterates weighted by decay^(k - j) and normalised, exactly (the init gets weight 0).
     """
 
-    def __init__(self, model: torch.nn.Module, decay: float, schedule: str = "warmup"):
+    def __init__(self, model: M, decay: float, schedule: str = "warmup"):
         self.decay, self.schedule = decay, schedule
-        self.model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.model: M = copy.deepcopy(model).requires_grad_(False).eval()
         self.updates = 0
 
     def weight(self, k: int) -> float:
@@ -71,8 +74,8 @@ class EMA:
         w = self.weight(self.updates)
         for e, p in zip(self.model.parameters(), model.parameters()):
             e.lerp_(p.detach(), w)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+        for mine, theirs in zip(self.model.buffers(), model.buffers()):
+            mine.copy_(theirs)
 
 
 @dataclass
@@ -84,7 +87,7 @@ class TrainingGraph:
     interpolant: Interpolant
     base: GaussianBase
     model: FlowMap
-    ema: EMA
+    ema: EMA[FlowMap]
     objective: Objective
     teacher: Teacher
     optimizer: torch.optim.Optimizer

@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -73,15 +74,16 @@ class RunLog:
     run ends."""
 
     def __init__(self, graph: TrainingGraph, run_dir: Path | None, resumed: bool = False):
-        self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
-        self._file = None
+        self.path: Path | None = None
+        self._file: TextIO | None = None
         if run_dir is None:
             return
+        self.path = path = run_dir / "metrics.jsonl"
         atomic.atomic_text(run_dir / "spec.toml", to_toml(graph.spec))
         if not resumed or not (run_dir / "environment.json").exists():
             atomic.atomic_text(run_dir / "environment.json", json.dumps(environment(graph), indent=1))
         try:
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = open(path, "a", encoding="utf-8")
         except OSError as exc:
             raise self._unwritable(exc) from None
 

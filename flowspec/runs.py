@@ -9,15 +9,16 @@ were are read with the dataset built from the spec instead).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from flowspec import checkpoint, distributed
 from flowspec.build import base_scale, build, build_flow_map, dataset_facts, preconditioning, seeded
+from flowspec.checkpoint import Checkpoint
 from flowspec.errors import UserError
 from flowspec.flowmap import FlowMap
 from flowspec.registry import default_registry
@@ -100,7 +101,7 @@ class RunFolder:
         return [int(s[5:]) for s in checkpoint.stems(self.checkpoints)]
 
     def checkpoint(self, limit: int, step: int | None = None, warn: Warn | None = None,
-                   accept: Callable[[checkpoint.Checkpoint], None] | None = None) -> checkpoint.Checkpoint:
+                   accept: Callable[[Checkpoint], None] | None = None) -> Checkpoint:
         """The newest good checkpoint (:func:`flowspec.checkpoint.newest`: damaged and foreign ones
         skipped with a warning; ``accept`` may refuse one), or the one at ``step``; every byte verified.
 
@@ -127,7 +128,7 @@ class RunFolder:
         with torch.device("meta"):
             return checkpoint.size_limit(build_flow_map(self.spec, tuple(shape), 1.0))
 
-    def _geometry(self, ckpt: checkpoint.Checkpoint) -> tuple[tuple[int, ...], float, torch.Tensor]:
+    def _geometry(self, ckpt: Checkpoint) -> tuple[tuple[int, ...], float, torch.Tensor]:
         """(data shape, the map's c, the base's c): from the checkpoint, else from the dataset."""
         if "flow_map" in ckpt.state and "base.scale" in ckpt.tensors:
             fm = ckpt.state["flow_map"]

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from flowspec import runfolder
 from flowspec.errors import UserError
+from flowspec.flowmap import FlowMap
 from flowspec.runs import RunFolder
 
 
@@ -27,7 +27,7 @@ class SelfTeacher:
         flow_map: the model being trained (current parameters, the paper's default), or its EMA copy.
     """
 
-    def __init__(self, flow_map: nn.Module):
+    def __init__(self, flow_map: FlowMap):
         self.flow_map = flow_map
 
     @torch.no_grad()
@@ -65,7 +65,7 @@ class FlowMapTeacher:
     that velocity integrated over [s, t] (flowspec.ode.map_velocity), not the network's own
     off-diagonal (a flow-matching run trains only the diagonal)."""
 
-    def __init__(self, flow_map: nn.Module, source: str = ""):
+    def __init__(self, flow_map: FlowMap, source: str = ""):
         self.flow_map = flow_map.requires_grad_(False).eval()
         self.source = source
         self.pin: dict | None = None
@@ -98,7 +98,10 @@ def load_run_teacher(path: str, device: torch.device, shape: tuple[int, ...]) ->
     own = runfolder.own_run[0]
     if own is not None and key == Path(own).resolve():
         raise UserError(f"teacher.path: {path}: is this run's own folder (a run cannot teach itself)")
-    loaded = run.flow_map(device.type, warn=lambda line: sys.stderr.write(f"{line} (teacher)\n"))
+    def warn(line: str) -> None:
+        sys.stderr.write(f"{line} (teacher)\n")
+
+    loaded = run.flow_map(device.type, warn=warn)
     if loaded.shape != tuple(shape):
         raise UserError(f"teacher.path: {path}: the teacher's data shape {loaded.shape} "
                         f"differs from this spec's {tuple(shape)}")

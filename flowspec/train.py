@@ -13,6 +13,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -23,7 +24,6 @@ from flowspec.engine import TrainingGraph
 from flowspec.errors import UserError
 from flowspec.evaluate import evaluate, evaluate_baselines
 from flowspec.objectives.base import LossOutput
-from flowspec.runfolder import make as make_run_dir, refuse_existing  # noqa: F401 (the CLI's names)
 from flowspec.runlog import RunLog, finite, truncate_metrics
 from flowspec.runs import RunFolder
 from flowspec.spec.models import EvalOptions, TrainOptions
@@ -117,7 +117,7 @@ class SignalStop:
 
     def __init__(self) -> None:
         self.signum: int | None = None
-        self._previous: dict[int, object] = {}
+        self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame) -> None:
         self.signum = signum
@@ -130,7 +130,7 @@ class SignalStop:
         signal.signal(signum, signal.SIG_IGN)
         raise KeyboardInterrupt
 
-    def __enter__(self) -> "SignalStop":
+    def __enter__(self) -> SignalStop:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

@@ -87,10 +87,10 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def _global_rng() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """torch, numpy and python global RNG states: tensors for safetensors, the rest for JSON."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     version, py_state, py_gauss = random.getstate()
     tensors = {"rng.torch": torch.get_rng_state(),
-               "rng.numpy": torch.from_numpy(keys.astype(np.int64))}
+               "rng.numpy": torch.from_numpy(np.asarray(keys).astype(np.int64))}
     meta = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
             "python": [version, list(py_state), py_gauss]}
     return tensors, meta

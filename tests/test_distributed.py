@@ -17,11 +17,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
+from flowspec import engine
 from flowspec.compile import compile_spec
 from flowspec.distributed import rank_seeds
 from flowspec.objectives.base import Batch
 from flowspec.spec import validate
-from flowspec import engine
 
 SPECS = Path(__file__).resolve().parent.parent / "specs"
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from flowspec import engine
 from flowspec.compile import compile_spec
 from flowspec.registry import Registry
 from flowspec.spec import load_spec, to_toml, tomllib
-from flowspec import engine
 from tests.test_registry import make_dist
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import torch
 
+from flowspec import engine
 from flowspec import jvp as jvp_module
 from flowspec.compile import compile_spec
 from flowspec.flowmap import FlowMap
 from flowspec.jvp import jvp
 from flowspec.spec import validate
-from flowspec import engine
 from tests.test_unet import tiny_unet
 
 DIGITS = {"data": {"kind": "digits"}, "interpolant": {"kind": "linear", "base_scale": 0.5},

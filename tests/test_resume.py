@@ -16,12 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flowspec import checkpoint
+from flowspec import checkpoint, engine
 from flowspec.compile import compile_spec
 from flowspec.errors import UserError
 from flowspec.spec import load_spec
 from flowspec.train import resume, train
-from flowspec import engine
 
 STEPS = 12
 LONG = """

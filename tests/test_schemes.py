@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from flowspec import engine
 from flowspec.interpolants import Linear, Trig
 from flowspec.objectives.base import Batch, adaptive
 from flowspec.objectives.eulerian import Eulerian
@@ -13,7 +14,6 @@ from flowspec.objectives.fmm import FlowMapMatching
 from flowspec.objectives.shortcut import Shortcut
 from flowspec.teachers import SelfTeacher
 from flowspec.testing import ExactFlowMap, GaussianOracle
-from flowspec import engine
 
 F64 = torch.float64
 

@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
+from flowspec import engine
 from flowspec.data.analytic import exact_velocity, log_normal_interval
 from flowspec.data.toy2d import Checkerboard, EightGaussians, Gaussian, GaussianMixture, Moons
 from flowspec.errors import UserError
 from flowspec.interpolants import Linear, Trig
 from flowspec.ode import ODEOptions, flow_map_error, integrate, true_flow_map
 from flowspec.testing import ExactFlowMap, GaussianOracle
-from flowspec import engine
 
 F64 = torch.float64
 INTERPOLANTS = {"linear": Linear(), "trig": Trig()}

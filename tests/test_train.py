@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from flowspec import checkpoint
+from flowspec import checkpoint, engine
 from flowspec.compile import compile_spec
 from flowspec.engine import EMA, lr_factor
 from flowspec.errors import UserError
-from flowspec.spec import TrainOptions, load_spec
 from flowspec.runlog import RunLog, truncate_metrics
-from flowspec.spec import EvalOptions
+from flowspec.spec import EvalOptions, TrainOptions, load_spec
 from flowspec.train import Cadence, train
-from flowspec import engine
 
 
 def weights(graph):

@@ -7,8 +7,16 @@
 """
 
 from flowspec.spec.load import apply_overrides, load_spec, read_toml, to_toml, tomllib, validate
-from flowspec.spec.models import (COMPONENT_SECTIONS, DEFAULT_KINDS, EvalOptions, SpecView, TeacherOptions,
-                                  TrainOptions, component_model, spec_model)
+from flowspec.spec.models import (
+                                  COMPONENT_SECTIONS,
+                                  DEFAULT_KINDS,
+                                  EvalOptions,
+                                  SpecView,
+                                  TeacherOptions,
+                                  TrainOptions,
+                                  component_model,
+                                  spec_model,
+)
 
 __all__ = ["COMPONENT_SECTIONS", "DEFAULT_KINDS", "EvalOptions", "SpecView", "TeacherOptions", "TrainOptions",
            "apply_overrides", "component_model", "load_spec", "read_toml", "spec_model", "to_toml", "tomllib",

@@ -8,8 +8,9 @@ from __future__ import annotations
 import math
 import os
 import sys
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -128,7 +129,7 @@ def _leaves(data: Any, prefix: str = ""):
 
 #: keys a resolved spec written before they existed lacks, with the value that run was trained with
 #: (the defaults changed to the paper's networks; docs/networks.md)
-_LEGACY_DEFAULTS = {"mlp": {"times": "s_dt", "scale": 1.0, "init": "torch"},
+_LEGACY_DEFAULTS: dict[str, dict[str, object]] = {"mlp": {"times": "s_dt", "scale": 1.0, "init": "torch"},
                     "unet": {"time_embedding": "positional"}}
 
 

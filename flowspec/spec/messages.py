@@ -4,14 +4,23 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from pydantic import ValidationError
+from pydantic_core import ErrorDetails
 
 from flowspec.errors import UserError, cut, short
 from flowspec.ode import ODEOptions
 from flowspec.registry import Registry, discriminator
-from flowspec.spec.models import COMPONENT_SECTIONS, DEFAULT_KINDS, TeacherOptions, component_model, spec_model
+from flowspec.spec.models import (
+    COMPONENT_SECTIONS,
+    DEFAULT_KINDS,
+    TeacherOptions,
+    component_model,
+    section_model,
+    spec_model,
+)
 
 
 def _valid_keys(loc: tuple, data: Mapping[str, Any], registry: Registry) -> list[str]:
@@ -29,7 +38,7 @@ def _valid_keys(loc: tuple, data: Mapping[str, Any], registry: Registry) -> list
         except UserError:
             return []
     if section in ("train", "eval") and len(loc) == 1:
-        return list(model.model_fields[section].annotation.model_fields)
+        return list(section_model(model, section).model_fields)
     if section == "teacher" and len(loc) == 1:
         return list(TeacherOptions.model_fields)
     if section == "eval" and len(loc) == 3 and loc[1] == "ode":
@@ -46,7 +55,7 @@ def _unusable(registry: Registry, group: str, name: Any) -> str | None:
     return f"{group[:-1]} {name!r} from {comp.origin} is unusable: {comp.error}"
 
 
-def _component_name_error(err: dict, loc: list, registry: Registry) -> str | None:
+def _component_name_error(err: ErrorDetails, loc: list, registry: Registry) -> str | None:
     """The message for a component name that is registered but unusable (a failing plugin)."""
     if not loc:
         return None
@@ -62,7 +71,7 @@ def _component_name_error(err: dict, loc: list, registry: Registry) -> str | Non
     return None
 
 
-def _describe(err: dict) -> str:
+def _describe(err: ErrorDetails) -> str:
     kind, ctx, got = err["type"], err.get("ctx", {}), err.get("input")
     if kind == "missing":
         return "missing (required)"
@@ -83,7 +92,7 @@ def format_errors(exc: ValidationError, data: Mapping[str, Any], source: str, re
     lines: list[str] = []
     alternatives: dict[str, tuple[Any, list[str]]] = {}
     for err in exc.errors(include_url=False):
-        loc = list(err["loc"])
+        loc: list[Any] = list(err["loc"])
         if loc and loc[0] in COMPONENT_SECTIONS and len(loc) > 1 and err["type"] != "union_tag_invalid":
             raw = data.get(loc[0])
             if isinstance(raw, dict) and raw.get(discriminator(COMPONENT_SECTIONS[loc[0]])) == loc[1]:
@@ -121,7 +130,7 @@ def format_errors(exc: ValidationError, data: Mapping[str, Any], source: str, re
 UNION_MEMBER = re.compile(r"^((constrained-)?(float|int|str|bool)|none|(literal|list|dict|tuple)\[.*\])$")
 
 
-def _alternative(member: str, err: dict) -> str:
+def _alternative(member: str, err: ErrorDetails) -> str:
     """What one member of a union would accept, for a merged union error."""
     if err["type"] == "literal_error":
         return err.get("ctx", {}).get("expected", member).replace("'", "").replace(" or ", ", ")

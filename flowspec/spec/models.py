@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from functools import lru_cache
-from typing import Annotated, Any, Literal, Optional, Union
+from functools import cache, lru_cache
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
 
@@ -48,8 +48,10 @@ class TrainOptions(BaseModel):
     ema: float = Field(0.999, ge=0, lt=1, description="EMA decay d (0: the EMA is the current weights)")
     ema_schedule: Literal["plain", "warmup", "bias_corrected"] = Field(
         "warmup", description="plain: decay d from the initial weights (the reference code); warmup: "
-        "min(d, (1+k)/(10+k)); bias_corrected: weight (1-d)/(1-d^k) at update k, Adam's correction (no init bias)")
-    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds weights, data and times: a CPU run is reproducible bit for bit")
+        "min(d, (1+k)/(10+k)); bias_corrected: weight (1-d)/(1-d^k) at update k, Adam's correction "
+        "(no init bias)")
+    seed: int = Field(0, ge=0, le=2**32 - 1,
+                      description="seeds weights, data and times: a CPU run is reproducible bit for bit")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA when present")
     checkpoint_every: int = Field(1000, ge=0, description="steps between checkpoints (0: at the end only)")
     log_every: int = Field(50, ge=1, description="steps between lines of metrics.jsonl")
@@ -75,7 +77,8 @@ class EvalOptions(BaseModel):
     num_samples: int = Field(64_000, ge=1, description="samples per K")
     metrics: list[str] = Field(["kl", "energy"], description="registered metric names")
     metric_options: dict[str, dict[str, Any]] = Field(
-        {}, description='options of the metrics by name, e.g. {fid = {weights = "pt_inception-2015-12-05-6726825d.pth"}}')
+        {}, description='options of the metrics by name, e.g. '
+        '{fid = {weights = "pt_inception-2015-12-05-6726825d.pth"}}')
     every: int = Field(0, ge=0, description="steps between evaluations during training (0: at the end only)")
     seed: int = Field(1234, ge=0, le=2**32 - 1, description="seed of the base samples shared by every K")
     plot: bool = Field(True, description="write samples/steps-K.png")
@@ -96,11 +99,17 @@ class TeacherOptions(BaseModel):
     kind: Literal["analytic", "run"] = Field(
         ..., description='analytic: the exact velocity of the spec\'s own dataset; run: the EMA diagonal '
         'v_{t,t} of a flowspec run folder')
-    path: Optional[str] = Field(None, description='kind = "run": the run folder (its spec.toml and newest good '
+    path: str | None = Field(None, description='kind = "run": the run folder (its spec.toml and newest good '
                                                   'checkpoint are read), relative to the spec file\'s folder')
 
+    @property
+    def run_folder(self) -> str:
+        """``path`` of a kind = "run" teacher (the validator makes it required there)."""
+        assert self.kind == "run" and self.path is not None
+        return self.path
+
     @model_validator(mode="after")
-    def _check_path(self) -> "TeacherOptions":
+    def _check_path(self) -> TeacherOptions:
         if self.kind == "run" and not self.path:
             raise ValueError('kind = "run" needs path = "RUN_FOLDER"')
         if self.kind == "analytic" and self.path:
@@ -119,6 +128,13 @@ def _plain_name(name: str) -> str:
 
 
 RunName = Annotated[str, AfterValidator(_plain_name)]
+
+
+def section_model(model: type[BaseModel], section: str) -> type[BaseModel]:
+    """The model of a fixed section (train, eval) of a Spec model."""
+    annotation = model.model_fields[section].annotation
+    assert isinstance(annotation, type) and issubclass(annotation, BaseModel)
+    return annotation
 
 
 class DataSpec(DatasetOptions):
@@ -148,25 +164,25 @@ class SpecView(BaseModel):
     interpolant: InterpolantSpec
     network: NetworkSpec
     objective: ObjectiveSpec
-    teacher: Optional[TeacherOptions] = None
+    teacher: TeacherOptions | None = None
     train: TrainOptions = Field(default_factory=TrainOptions)
     eval: EvalOptions = Field(default_factory=EvalOptions)
 
 
-@lru_cache(maxsize=None)
+@cache
 def component_model(registry: Registry, group: str, name: str) -> type[BaseModel]:
     """The spec model of one component: its Options plus the literal discriminator field."""
     cls = registry.get(group, name)
-    key = discriminator(group)
-    return create_model(f"{cls.__name__}Spec", __base__=cls.Options,
-                        **{key: (Literal[name], Field(name, description=f"{group[:-1]} name"))})
+    tag: Any = Literal[name]  # a literal of a run-time name
+    return create_model(f"{cls.__name__}Spec", __base__=cls.Options,  # type: ignore[call-overload]
+                        **{discriminator(group): (tag, Field(name, description=f"{group[:-1]} name"))})
 
 
 def _section_type(registry: Registry, group: str) -> Any:
     models = [component_model(registry, group, n) for n in registry.names(group)]
     if len(models) == 1:
         return models[0]
-    return Annotated[Union[tuple(models)], Field(discriminator=discriminator(group))]
+    return Annotated[Union[tuple(models)], Field(discriminator=discriminator(group))]  # noqa: UP007 (a run-time list)
 
 
 @lru_cache(maxsize=4)
@@ -183,10 +199,10 @@ def spec_model(registry: Registry | None = None) -> type[SpecView]:
             model = component_model(registry, group, kind)
             fields[section] = (typ, Field(default_factory=model))
     metric_names = tuple(registry.names("metrics"))
+    names: Any = Literal[metric_names]  # the registered names, at run time
     eval_model = create_model("EvalSpec", __base__=EvalOptions,
-                              metrics=(list[Literal[metric_names]], Field(["kl", "energy"],
-                                       description="registered metric names")))
-    fields["teacher"] = (Optional[TeacherOptions], Field(None, description="[teacher] (see below)"))
+                              metrics=(list[names], Field(["kl", "energy"], description="registered metric names")))
+    fields["teacher"] = (TeacherOptions | None, Field(None, description="[teacher] (see below)"))
     fields["train"] = (TrainOptions, Field(default_factory=TrainOptions))
     fields["eval"] = (eval_model, Field(default_factory=eval_model))
     return create_model("Spec", __base__=SpecView, **fields)

@@ -8,7 +8,14 @@ from pydantic import BaseModel
 
 from flowspec.ode import ODEOptions
 from flowspec.registry import Registry, default_registry, discriminator
-from flowspec.spec.models import COMPONENT_SECTIONS, DEFAULT_KINDS, TeacherOptions, component_model, spec_model
+from flowspec.spec.models import (
+    COMPONENT_SECTIONS,
+    DEFAULT_KINDS,
+    TeacherOptions,
+    component_model,
+    section_model,
+    spec_model,
+)
 
 
 def _type_name(ann: Any) -> str:
@@ -62,7 +69,7 @@ def reference(registry: Registry | None = None) -> str:
     out += ["", "## [teacher]", "", "Optional; required when `objective.target = \"teacher\"`.", "",
             *_table(TeacherOptions)]
     for section in ("train", "eval"):
-        out += ["", f"## [{section}]", "", *_table(model.model_fields[section].annotation)]
+        out += ["", f"## [{section}]", "", *_table(section_model(model, section))]
     out += ["", "### [[eval.ode]] entries", "", *_table(ODEOptions)]
     out += ["", "### eval.metric_options", "",
             "Options of each metric in `eval.metrics`, as `metric_options = {NAME = {key = value}}`."]
