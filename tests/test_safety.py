@@ -275,6 +275,8 @@ def test_a_double_ctrl_c_is_one_line_and_exit_130(tiny_spec, tmp_path, wait_for_
         assert lines[-1] == "flowspec: interrupted" and len(lines) <= 2, err
 
 
+# slow (four processes, ~10 s): the default tier keeps tests/test_resume.py's SIGKILL-then-resume
+@pytest.mark.slow
 def test_a_kill_storm_right_after_checkpoints_resumes_bit_identical(tmp_path):
     """kill -9 a few milliseconds after each of several checkpoint commits (the moments a two-file
     checkpoint could be left half-written), resume each time: the end is the uninterrupted run."""
