@@ -16,6 +16,15 @@
   (sin(1000 t w)). Costs two extra evaluations of f. For a float64 derivative of a network trained
   in float32, train in float64 (``train.precision = "float64"``).
 
+Randomness (dropout): a jvp is the derivative of one function, so every evaluation of f must draw
+the same random numbers. The exact strategy evaluates f once. The finite-difference strategy
+evaluates f(p + h u) and f(p - h u) each under :func:`torch.random.fork_rng` of the default
+generators of the CPU and of the primals' devices, so both start from the state the jvp was called
+with, and f(p) last, which draws those numbers a third time and leaves the generators where one
+forward pass of f leaves them: the same state as after the exact strategy, or f(p) alone. (A
+difference of two different dropout masks is of order 1 / h, not a derivative.) Generators that f
+creates or is passed itself, and Python's and NumPy's, are f's to keep fixed.
+
 Mixed precision: under autocast (``train.precision = "bf16"``) both strategies switch autocast off
 for their evaluations of f, so the derivative is taken in the network's own dtype (float32):
 bfloat16 forward-mode tangents and bfloat16 differences keep only 2-3 digits. The exact strategy
@@ -147,9 +156,30 @@ class Linear(nn.Linear):
 
 
 def _central_difference(f, primals, tangents, step):
-    """(f(p), (f(p + h u) - f(p - h u)) / 2h)."""
-    out = f(*primals)
+    """(f(p), (f(p + h u) - f(p - h u)) / 2h), every evaluation from the same random state (the
+    module docstring, "Randomness"); the generators end as one evaluation of f leaves them."""
     h = step if step is not None else torch.finfo(primals[0].dtype).eps ** (1 / 3) / 1000
-    plus = f(*(p + h * u for p, u in zip(primals, tangents)))
-    minus = f(*(p - h * u for p, u in zip(primals, tangents)))
+    with same_random_state(primals):
+        plus = f(*(p + h * u for p, u in zip(primals, tangents)))
+    with same_random_state(primals):
+        minus = f(*(p - h * u for p, u in zip(primals, tangents)))
+    out = f(*primals)  # last: from the same state, and advancing it as one forward pass does
     return out, (plus - minus) / (2 * h)
+
+
+@contextlib.contextmanager
+def same_random_state(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Restore, on exit, the default generators of the CPU and of the devices ``tensors`` are on
+    (:func:`torch.random.fork_rng` for each device type: only the devices in use are touched)."""
+    devices: dict[str, list[int]] = {}
+    for x in tensors:
+        kind = x.device.type
+        if kind in ("cpu", "meta"):
+            continue
+        index = x.device.index if x.device.index is not None else torch.get_device_module(kind).current_device()
+        if index not in devices.setdefault(kind, []):
+            devices[kind].append(index)
+    with contextlib.ExitStack() as stack:
+        for kind, indices in (devices or {"cpu": []}).items():  # each also forks the CPU's generator
+            stack.enter_context(torch.random.fork_rng(devices=indices, device_type=kind))
+        yield

@@ -62,6 +62,33 @@ def mlp_map():
     return FlowMap(MLP(MLPOptions(width=32, depth=2), (2,))).to(torch.float64)
 
 
+def _exit_code(exc: SystemExit) -> int:
+    return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+
+
+def invoke(*args) -> tuple[int, str, str]:
+    """The console entry point in this process, for fixtures wider than one test (which cannot use
+    ``main``): ``invoke(*args) -> (exit code, stdout, stderr)``, captured the same way."""
+    import contextlib
+    import io
+    import sys
+
+    from flowspec.cli import main as entry
+
+    out, err, argv = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["flowspec", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                entry()
+                code = 0
+            except SystemExit as exc:
+                code = _exit_code(exc)
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture
 def main(capsys, monkeypatch):
     """Run the console entry point in this process: ``main(*args) -> (exit code, stdout, stderr)``.
@@ -79,7 +106,7 @@ def main(capsys, monkeypatch):
             entry()
             code = 0
         except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            code = _exit_code(exc)
         captured = capsys.readouterr()
         return code, captured.out, captured.err
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -110,6 +111,9 @@ def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+# slow (two torchrun launches of a U-Net, ~17 s): the default tier keeps the lockstep step of two
+# gloo processes above and the launcher's refusal of a mismatched resume below
+@pytest.mark.slow
 def test_flowspec_run_nproc_2_writes_one_folder_evaluates_sharded_and_resumes(tmp_path):
     spec = tmp_path / "tiny.toml"
     spec.write_text(
@@ -148,6 +152,9 @@ def test_flowspec_run_nproc_2_writes_one_folder_evaluates_sharded_and_resumes(tm
     assert checkpoint.pointer(run_dir / "checkpoints") == "step-00000003"
 
 
+# slow (three launches, one of which starts torchrun, ~9 s): the default tier keeps the resume check
+# before any process starts, below
+@pytest.mark.slow
 def test_nproc_bad_input_is_one_line_before_any_process_starts(tmp_path):
     """Spec, override, run-folder and resume mistakes fail in the launching process, one line each,
     with no torchrun report; a rank that fails later is summed up in one line, not a traceback."""

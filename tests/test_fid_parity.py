@@ -92,6 +92,9 @@ def test_pool3_features_match_pytorch_fid(both_networks):
     assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))
 
 
+# slow (scipy's 2048 x 2048 sqrtm, ~20 s): the default tier keeps the features' parity above and
+# tests/test_features.py's exact Frechet distances
+@pytest.mark.slow
 def test_fid_of_random_image_sets_matches_pytorch_fid(both_networks):
     ours, theirs, fid_score = both_networks
     g = torch.Generator().manual_seed(3)

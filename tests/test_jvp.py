@@ -142,3 +142,124 @@ def test_dual_tangent_conv2d_equals_torch_func_jvp():
     g0, = torch.autograd.grad(t0.pow(2).sum(), w)
     g1, = torch.autograd.grad(t1.pow(2).sum(), w)
     assert torch.allclose(g0, g1, rtol=0, atol=1e-12)
+
+
+# -- randomness: one dropout mask for every evaluation of f (issue 18) ------------------------------
+
+P_DROP = 0.3
+
+
+def dropout_mlp(width: int = 16):
+    """Linear -> tanh -> Dropout(0.3) -> Linear, float64, in train mode (dropout active)."""
+    from torch import nn
+
+    torch.manual_seed(5)
+    return nn.Sequential(nn.Linear(D, width, dtype=F64), nn.Tanh(), nn.Dropout(P_DROP),
+                         nn.Linear(width, D, dtype=F64)).train()
+
+
+def test_finite_difference_with_dropout_is_the_derivative_at_one_fixed_mask(point):
+    """Oracle: the analytic derivative of W2 (m * tanh(W1 x + b1)) / (1 - p) + b2 for the mask m the
+    jvp's first draw takes. The mask is read off nn.Dropout itself, seeded alike, and the value check
+    (1e-14) confirms that f(p) used exactly that mask, so the oracle cannot be fooled by a wrong one.
+    Before the fix each evaluation drew its own mask and the quotient was of order |f| / h ~ 1e8."""
+    _, _, x, b = point
+    net = dropout_mlp()
+    lin1, drop, lin2 = net[0], net[2], net[3]
+    pre = lin1(x)
+    torch.manual_seed(11)
+    mask = drop(torch.ones_like(pre)) != 0
+    assert 0 < mask.sum() < mask.numel()  # some units dropped, some kept: a mask that can differ
+    keep = mask.to(F64) / (1 - P_DROP)
+    want_value = lin2(keep * pre.tanh())
+    want_tangent = (keep * (1 - pre.tanh() ** 2) * (b @ lin1.weight.T)) @ lin2.weight.T
+    for step in (None, 1e-5):
+        torch.manual_seed(11)
+        value, tangent = jvp(net, (x,), (b,), strategy="finite_difference", step=step)
+        torch.testing.assert_close(value, want_value, atol=1e-14, rtol=0)
+        # error = h^2/6 |f'''| (f''' ~ 1: tanh and O(1) weights) + rounding ~ 1e-16 |f| / h:
+        # about 2e-8 at the default h = 6e-9, and 2e-11 + 1e-11 at h = 1e-5 (measured 7.7e-9, 1.4e-11)
+        atol = 1e-7 if step is None else 1e-9
+        torch.testing.assert_close(tangent, want_tangent, atol=atol, rtol=0, msg=f"step {step}")
+
+
+def test_finite_difference_leaves_the_generator_where_one_forward_pass_does(point):
+    """After the jvp the default generator is where f(p) alone leaves it, so what the caller draws
+    next (the next batch, the next mask) is what it would draw after an exact jvp."""
+    _, _, x, b = point
+    net = dropout_mlp()
+    torch.manual_seed(3)
+    net(x)
+    after_forward = torch.get_rng_state()
+    torch.manual_seed(3)
+    jvp(net, (x,), (b,), strategy="exact")
+    assert torch.equal(torch.get_rng_state(), after_forward)
+    torch.manual_seed(3)
+    jvp(net, (x,), (b,), strategy="finite_difference")
+    assert torch.equal(torch.get_rng_state(), after_forward)
+    # and with no randomness in f the state is left alone
+    net.eval()
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    jvp(net, (x,), (b,), strategy="finite_difference")
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_finite_difference_matches_exact_on_a_unet_with_dropout():
+    """flowspec's U-Net with dropout 0.3 in train mode, the jvp in t through the flow map: the exact
+    strategy (one evaluation, one mask) and finite differences from the same seed see the same mask
+    (the values agree to rounding), so their tangents agree to the difference quotient's error."""
+    from flowspec.flowmap import FlowMap
+    from flowspec.networks.unet import UNet
+
+    torch.manual_seed(0)
+    net = UNet(UNet.Options(channels=8, channel_mult=[1, 2], num_blocks=1, attention_resolutions=[],
+                            embedding_dim=8, dropout=P_DROP), (1, 8, 8)).to(F64).train()
+    with torch.no_grad():  # the zero-initialized gains would make v = 0 and the test vacuous
+        net.out_gain.fill_(1.0)
+        for m in net.modules():
+            if hasattr(m, "emb_gain"):
+                m.emb_gain.fill_(0.5)
+    fm = FlowMap(net, scale=0.5)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 1, 8, 8, generator=g, dtype=F64)
+    s = torch.tensor([0.0, 0.2, 0.5], dtype=F64)
+    t = torch.tensor([0.9, 0.7, 0.6], dtype=F64)
+    f = lambda tt: fm(s, tt, x)  # noqa: E731
+    one = torch.ones_like(t)
+    torch.manual_seed(4)
+    v_ex, t_ex = jvp(f, (t,), (one,), strategy="exact")
+    torch.manual_seed(4)
+    v_fd, t_fd = jvp(f, (t,), (one,), strategy="finite_difference")
+    torch.manual_seed(5)
+    other = f(t)  # another mask: the test can tell one mask from two
+    assert (other - v_ex).abs().max() > 1e-3
+    torch.testing.assert_close(v_fd, v_ex, atol=1e-12, rtol=0)
+    assert t_ex.abs().max() > 0.1  # a derivative worth comparing
+    # h = 6e-9 (edm2 embeddings: frequencies <= 1, truncation h^2 |X'''| ~ 1e-17): the error is the
+    # rounding of the network's sums, a few eps |X| / h ~ 1e-7 (measured 1.9e-7, |dX/dt| up to 3.8)
+    torch.testing.assert_close(t_fd, t_ex, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device"))])
+def test_finite_difference_through_output_dropout_on_each_device(device):
+    """f(x) = dropout(tanh(x)): the mask is read off the returned value itself (v != 0), so the
+    oracle m (1 - tanh^2 x) u / (1 - p) holds whatever way the device draws its masks; the
+    device's generator (CUDA's own, not only the CPU's) ends where one forward pass leaves it."""
+    g = torch.Generator().manual_seed(2)
+    x, u = (torch.randn(64, 8, generator=g, dtype=F64).to(device) for _ in range(2))
+    f = lambda z: torch.nn.functional.dropout(z.tanh(), P_DROP, training=True)  # noqa: E731
+    state = (lambda: torch.cuda.get_rng_state(x.device)) if device == "cuda" else torch.get_rng_state
+    torch.manual_seed(8)
+    f(x)
+    after_forward = state()
+    torch.manual_seed(8)
+    value, tangent = jvp(f, (x,), (u,), strategy="finite_difference", step=1e-5)
+    assert torch.equal(state(), after_forward)
+    keep = (value != 0).to(F64) / (1 - P_DROP)
+    assert 0.5 < keep.count_nonzero() / keep.numel() < 0.9  # about 70% kept: a real mask
+    torch.testing.assert_close(value, keep * x.tanh(), atol=1e-15, rtol=0)
+    # h = 1e-5: truncation h^2/6 max|tanh'''| |u|^3 / (1 - p) = 1e-10/6 * 2 * 4^3 / 0.7 = 3e-9 for
+    # |u| <= 4 (measured 1.3e-9), rounding eps / h ~ 1e-11
+    torch.testing.assert_close(tangent, keep * (1 - x.tanh() ** 2) * u, atol=1e-8, rtol=0)

@@ -19,9 +19,9 @@ def test_metric_base():
     assert Metric.lower_is_better and HistogramKL.lower_is_better and EnergyDistance.lower_is_better
     assert HistogramKL().options.bins == 50 and EnergyDistance().options.max_samples == 4096
     assert issubclass(MetricUnavailable, ValueError)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"bins\n  Input should be greater than 0"):
         HistogramKL.Options(bins=0)
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValidationError, match=r"bin\n  Extra inputs are not permitted"):  # a misspelt key
         HistogramKL.Options(bin=10)
 
 

@@ -57,11 +57,6 @@ plot = false
 """
 
 
-def cli(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "flowspec", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, **kw)
-
-
 def start(*args) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "flowspec", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)

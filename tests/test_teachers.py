@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -247,17 +245,16 @@ def test_resolved_spec_with_teacher_and_ode_reads_back(tiny_spec):
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory):
-    """A tiny flow-matching run to distill from, through the console script."""
-    from tests.conftest import TINY
+    """A tiny flow-matching run to distill from, through the console entry point (in this process)."""
+    from tests.conftest import TINY, invoke
 
     root = tmp_path_factory.mktemp("teacher")
     spec = root / "fm.toml"
     spec.write_text(TINY.format(characterization="flow_matching")
                     .replace("[eval]", '[eval]\nflow_map_error = false\node = [{solver = "euler", steps = 4}]'))
     out = root / "run"
-    proc = subprocess.run([sys.executable, "-m", "flowspec", "run", spec, "--out", out],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = invoke("run", spec, "--out", out)
+    assert code == 0, err
     return out
 
 
@@ -296,17 +293,20 @@ def test_run_teacher_data_shape_must_match(tiny_spec, teacher_run):
         compile_tiny(tiny_spec, extra, ["objective.target=teacher", "data.kind=gaussian", "data.dim=3"])
 
 
-def test_cli_sample_with_a_solver_prints_nfe(teacher_run, tmp_path):
+def test_cli_sample_with_a_solver_prints_nfe(teacher_run, tmp_path, main):
+    import re
+
     import numpy as np
 
     out = tmp_path / "ode.npy"
-    proc = subprocess.run([sys.executable, "-m", "flowspec", "sample", teacher_run, "--solver", "midpoint",
-                           "--steps", "3", "--n", "50", "--out", out], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "NFE 6" in proc.stdout and np.load(out).shape == (50, 2)
-    bad = subprocess.run([sys.executable, "-m", "flowspec", "sample", teacher_run, "--solver", "rk45",
-                          "--out", out], capture_output=True, text=True, timeout=120)
-    assert bad.returncode != 0 and "--solver: 'rk45' is not valid" in bad.stderr
+    code, stdout, err = main("sample", teacher_run, "--solver", "midpoint", "--steps", 3, "--n", 50, "--out", out)
+    assert code == 0, err
+    # midpoint: 2 velocity evaluations per step, 3 steps (rich wraps the line at 80 columns)
+    assert re.fullmatch(rf"{re.escape(str(out))}: 50 samples, ODE midpoint K=3, NFE 6, [0-9.]+ s, "
+                        r"from step-00000006\.safetensors", " ".join(stdout.split())), stdout
+    assert np.load(out).shape == (50, 2)
+    code, _, err = main("sample", teacher_run, "--solver", "rk45", "--out", out)
+    assert code == 2 and err.startswith("--solver: 'rk45' is not valid (valid: euler, "), err
 
 
 def test_every_shipped_spec_validates():
