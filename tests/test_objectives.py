@@ -4,7 +4,7 @@
     (plain autograd, no flowspec.jvp), which pins the stop-gradient semantics;
 (b) every residual vanishes at the exact Gaussian flow map, with the model or the oracle as teacher;
 (c) every residual is positive, with a non-zero gradient, at a perturbed map;
-(d) the (s, t) sampler; (e) the batch-loss normalization on a hand-computed batch.
+(d) the (s, t) sampler; (e) the batch-loss normalization on a hand-computed batch; (f) method names.
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from flowspec.networks.mlp import MLP, MLPOptions
 from flowspec.objectives.base import Batch, Objective, OffDiagonal, Teacher, sample_times, squared_norm
 from flowspec.objectives.eulerian import Eulerian
 from flowspec.objectives.flow_matching import FlowMatching
+from flowspec.objectives.fmm import FlowMapMatching
 from flowspec.objectives.lagrangian import Lagrangian
 from flowspec.objectives.progressive import Progressive
+from flowspec.objectives.shortcut import Shortcut
 from flowspec.teachers import SelfTeacher
 from flowspec.testing import ExactFlowMap, GaussianOracle
 
@@ -361,3 +363,20 @@ def test_finite_difference_jvp_option(case_data, cls, extra):
     losses = [cls(cls.Options(jvp=j, **extra)).loss_at(fm, Linear(), SelfTeacher(fm), batch, s, t, N_DIAG).loss
               for j in ("exact", "finite_difference")]
     torch.testing.assert_close(losses[1], losses[0], atol=0, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) method names: each objective's own class attributes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("objective, name", [
+    (Lagrangian(), "LSD"), (Lagrangian(Lagrangian.Options(target="teacher")), "LMD"),
+    (Eulerian(), "ESD"), (Eulerian(Eulerian.Options(target="teacher")), "EMD"),
+    (Eulerian(Eulerian.Options(target="conditional")), "MeanFlow (Eulerian consistency training)"),
+    (Progressive(), "PSD-U"), (Progressive(Progressive.Options(gamma="half")), "PSD-M"),
+    (Progressive(Progressive.Options(target="teacher", gamma="half")), "PD"),
+    (Shortcut(), "shortcut model"), (Shortcut(Shortcut.Options(target="teacher")), "shortcut (teacher)"),
+    (FlowMapMatching(), "flow map matching"), (FlowMatching(), "flow matching"),
+    (type("Custom", (Objective,), {"characterization": "custom"})(), "custom (self)"),  # no names: the fallback
+])
+def test_method_names_are_class_attributes(objective, name):
+    assert objective.method_name() == name

@@ -14,7 +14,7 @@ whole of a new objective.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -163,6 +163,9 @@ class Objective:
         targets: the distillation targets it supports ("self", "teacher", "conditional");
             ``flowspec.testing.check_objective`` checks each of them.
         formula: the residual r and the per-sample loss, as ``flowspec explain`` prints them.
+        names: the method's name per target ("LSD" for lagrangian with target self), as the command
+            line prints it; a target without one is "characterization (target)". A subclass
+            inherits its parent's names: a new method sets its own.
         cost: (forwards, jvps) per off-diagonal sample, MATH.md's cost model: c_D = forwards + jvps C,
             C the cost of a jvp in forward passes. Counts every network pass, with or without grad.
     """
@@ -173,6 +176,7 @@ class Objective:
     formula: ClassVar[str] = ""
     targets: ClassVar[tuple[str, ...]] = ("self",)
     cost: ClassVar[tuple[int, int]] = (1, 0)
+    names: ClassVar[Mapping[str, str]] = {}
     #: teacher evaluations (NFE on the batch) of the last residual, logged as teacher_nfe when
     #: non-zero; set by objectives that integrate a teacher's ODE
     teacher_nfe: int = 0
@@ -212,6 +216,11 @@ class Objective:
         return upper_triangle(m, device, dtype, generator)
 
     # -- shared machinery -----------------------------------------------------------------------
+    def method_name(self) -> str:
+        """The method's name for the chosen target (:attr:`names`), e.g. "LSD"."""
+        target = self.options.target
+        return self.names.get(target, f"{self.characterization} ({target})")
+
     def step_cost(self, c: float = 1.5) -> float:
         """A training step's cost in flow-matching steps, MATH.md's model: (1 - eta) c_D + eta with
         c_D = forwards + jvps C per off-diagonal sample (a diagonal sample costs 1)."""

@@ -12,6 +12,7 @@ stop-gradiented). Cost: 1 + C forward passes ("none"), plus one graph-free jvp (
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import torch
@@ -41,6 +42,8 @@ class Eulerian(Objective):
     Options: ClassVar[type[ObjectiveOptions]] = EulerianOptions
     options: EulerianOptions
     characterization: ClassVar[str] = "eulerian"
+    names: ClassVar[Mapping[str, str]] = {"self": "ESD", "teacher": "EMD",
+                                          "conditional": "MeanFlow (Eulerian consistency training)"}
     formula: ClassVar[str] = (
         "x = I_s; b = b-hat_s(x): the model's diagonal v_{s,s} (self), the teacher's b_s, or dI_s/ds "
         "(conditional)\n"

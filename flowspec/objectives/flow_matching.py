@@ -6,6 +6,7 @@ solver), and the teacher for distillation.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import torch
@@ -22,6 +23,7 @@ class FlowMatchingOptions(ObjectiveOptions):
 class FlowMatching(Objective):
     Options: ClassVar[type[ObjectiveOptions]] = FlowMatchingOptions
     characterization: ClassVar[str] = "flow_matching"
+    names: ClassVar[Mapping[str, str]] = {"self": "flow matching"}
     formula: ClassVar[str] = "every sample diagonal: loss |v_{t,t}(I_t) - dI_t/dt|^2, t ~ U[0, 1]"
     targets: ClassVar[tuple[str, ...]] = ("self",)
     cost: ClassVar[tuple[int, int]] = (0, 0)

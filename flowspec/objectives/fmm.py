@@ -15,6 +15,7 @@ uniforms (not sorted). Cost: 2 + C forward passes per off-diagonal sample.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import torch
@@ -33,6 +34,7 @@ class FlowMapMatchingOptions(ObjectiveOptions):
 class FlowMapMatching(Objective):
     Options: ClassVar[type[ObjectiveOptions]] = FlowMapMatchingOptions
     characterization: ClassVar[str] = "fmm"
+    names: ClassVar[Mapping[str, str]] = {"conditional": "flow map matching"}
     formula: ClassVar[str] = (
         "(s, t) uniform on [0, 1]^2; x = I_s; y = X_{s,t}(x); (z, dz/dr) = jvp(r -> X_{t,r}(y) at r = s)\n"
         "r = (dz/dr - dI_s/ds, z - x), no stop-gradient; per-sample loss |r|^2 (both terms)")

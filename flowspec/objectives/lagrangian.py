@@ -10,6 +10,7 @@ The gradient flows only through dX/dt. Cost per off-diagonal sample: 1 + C forwa
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
 import torch
@@ -21,6 +22,7 @@ from flowspec.objectives.base import Objective, OffDiagonal, Teacher
 
 class Lagrangian(Objective):
     characterization: ClassVar[str] = "lagrangian"
+    names: ClassVar[Mapping[str, str]] = {"self": "LSD", "teacher": "LMD"}
     formula: ClassVar[str] = (
         "x = I_s; (X, dX/dt) = jvp(t -> X_{s,t}(x), tangent 1)   (forward mode in t)\n"
         "r = dX/dt - sg(b-hat_t(sg(X)))   b-hat: the model's diagonal v_{t,t} (self) or the teacher's b_t\n"

@@ -15,6 +15,7 @@ stage would make the minimizer a first-order two-stage step instead.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import torch
@@ -41,6 +42,9 @@ class Progressive(Objective):
     Options: ClassVar[type[ObjectiveOptions]] = ProgressiveOptions
     options: ProgressiveOptions
     characterization: ClassVar[str] = "progressive"
+    #: PSD-U with gamma ~ U[0, 1]; with gamma = 1/2, :attr:`midpoint_names` where they differ
+    names: ClassVar[Mapping[str, str]] = {"self": "PSD-U", "teacher": "PD"}
+    midpoint_names: ClassVar[Mapping[str, str]] = {"self": "PSD-M"}
     targets: ClassVar[tuple[str, ...]] = ("self", "teacher")
     formula: ClassVar[str] = (
         "u = gamma s + (1 - gamma) t, gamma ~ U[0, 1] (uniform) or 1/2 (half); x = I_s\n"
@@ -53,6 +57,12 @@ class Progressive(Objective):
         """(forwards, jvps) of the model per off-diagonal sample: 3 (self), 1 (teacher, plus the
         teacher's evaluations: :meth:`teacher_cost`)."""
         return (1, 0) if self.options.target == "teacher" else (3, 0)
+
+    def method_name(self) -> str:
+        """PSD-U / PSD-M (target self, by gamma) or PD (teacher)."""
+        if self.options.gamma == "half" and self.options.target in self.midpoint_names:
+            return self.midpoint_names[self.options.target]
+        return super().method_name()
 
     def teacher_map_options(self) -> TeacherMapOptions:
         o = self.options

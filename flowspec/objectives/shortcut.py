@@ -24,6 +24,7 @@ h / 2 that no term trains, and self-distillation ran away on the checkerboard (l
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import torch
@@ -48,6 +49,8 @@ class Shortcut(Progressive):
     Options: ClassVar[type[ObjectiveOptions]] = ShortcutOptions
     options: ShortcutOptions
     characterization: ClassVar[str] = "shortcut"
+    names: ClassVar[Mapping[str, str]] = {"self": "shortcut model"}
+    midpoint_names: ClassVar[Mapping[str, str]] = {}  # gamma is always 1/2: no PSD-M
     formula: ClassVar[str] = (
         "h = 2^-k, k ~ U{0..levels-1}; s on the grid of h; t = s + h; u = (s + t) / 2; x = I_s\n"
         "r = v_{s,t}(x) - sg(1/2 v'_{s,u}(x) + 1/2 v'_{u,t}(X'_{s,u}(x)))\n"
