@@ -4,7 +4,8 @@
     (plain autograd, no flowspec.jvp), which pins the stop-gradient semantics;
 (b) every residual vanishes at the exact Gaussian flow map, with the model or the oracle as teacher;
 (c) every residual is positive, with a non-zero gradient, at a perturbed map;
-(d) the (s, t) sampler; (e) the batch-loss normalization on a hand-computed batch; (f) method names.
+(d) the (s, t) sampler; (e) the batch-loss normalization on a hand-computed batch, and a residual
+    that uses more of the off-diagonal sample than I_s (x0, x1, the interpolant); (f) method names.
 """
 
 from __future__ import annotations
@@ -344,6 +345,34 @@ def test_batch_loss_normalization_by_hand():
     assert torch.equal(seen.xs, torch.tensor([[2, 1], [1.5, 0], [0, 0]], dtype=F64))
     assert torch.equal(seen.dxs, x1[2:] - x0[2:])
     assert seen.generator is None and isinstance(seen.interpolant, Linear)
+
+
+class EndpointObjective(Objective):
+    """A residual that needs more than I_s: r = x1 - I_t, the data sample against the interpolant
+    at the later time t (computed from x0, x1 and the interpolant itself); records its sample."""
+
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        self.seen = sample
+        it, _ = sample.interpolant.interpolate(sample.t, sample.x0, sample.x1)
+        return sample.x1 - it
+
+
+def test_a_residual_sees_x0_x1_the_interpolant_and_the_generator():
+    x0 = torch.tensor([[1, 0], [0, 2], [1, 1], [2, 0], [0, 0]], dtype=F64)
+    x1 = torch.tensor([[2, 1], [1, 1], [3, 1], [0, 0], [1, -1]], dtype=F64)
+    s = torch.tensor([0.5, 0.25, 0.5, 0.25, 0.0], dtype=F64)
+    t = torch.tensor([0.5, 0.25, 0.75, 1.0, 0.5], dtype=F64)
+    fm, obj, interp, g = FlowMap(ZeroNet()), EndpointObjective(), Linear(), torch.Generator().manual_seed(0)
+    out = obj.loss_at(fm, interp, SelfTeacher(fm), Batch(x0, x1, g), s, t, 2)
+    # diagonal (v = 0): |x1 - x0|^2 = 2 + 2. Off-diagonal, linear: x1 - I_t = (1 - t)(x1 - x0) =
+    # 0.25 (2, 0), 0 (-2, 0), 0.5 (1, -1) = (0.5, 0), (0, 0), (0.5, -0.5): |r|^2 = 0.25 + 0 + 0.5
+    assert out.loss.item() == (4 + 0.75) / 5
+    assert out.logs["distill"].item() == 0.75 / 3
+    seen = obj.seen
+    assert seen.interpolant is interp and seen.generator is g
+    assert torch.equal(seen.x0, x0[2:]) and torch.equal(seen.x1, x1[2:])
+    with pytest.raises(AttributeError):  # frozen: a residual cannot change what the loss sees
+        seen.xs = seen.x1
 
 
 def test_call_samples_times_then_loss_at(case_data):
