@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from flowspec.errors import UserError
-from flowspec.naming import describe, method_name
+from flowspec.naming import describe
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train flow maps (consistency models) from TOML specs.")
@@ -198,7 +198,7 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
         doc = (sys.modules[type(obj).__module__].__doc__ or "").strip().split("\n\n")
         formula = doc[1] if len(doc) > 1 else ""
     lines = [
-        f"[bold]{s.name}[/]: {method_name(obj)}",
+        f"[bold]{s.name}[/]: {obj.method_name()}",
         f"  characterization  {obj.characterization}; target {o.target}; diagonal fraction eta = {o.diagonal_fraction}",
         f"  data              {s.data.kind}, shape {tuple(g.dataset.shape)}",
         f"  interpolant       {s.interpolant.kind}; base x0 ~ N(0, c^2 I), c = {s.interpolant.base_scale}"

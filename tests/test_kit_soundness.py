@@ -12,9 +12,10 @@ import time
 import pytest
 import torch
 
+from flowspec.flowmap import FlowMap
 from flowspec.interpolants import Linear, Trig
 from flowspec.jvp import jvp
-from flowspec.objectives.base import squared_norm
+from flowspec.objectives.base import OffDiagonal, Teacher, squared_norm
 from flowspec.objectives.eulerian import Eulerian
 from flowspec.objectives.lagrangian import Lagrangian
 from flowspec.testing import CheckFailed, check_objective, check_penalty, correlated_gaussian, default_oracles
@@ -27,7 +28,8 @@ CORRELATED = [correlated_gaussian(Linear(), 3, 1), correlated_gaussian(Trig(), 3
 class WrongSideLagrangian(Lagrangian):
     """Unsound: the stop-gradient on the wrong side, r = sg(dX/dt) - b_t(X), gradient through X."""
 
-    def residual(self, flow_map, teacher, s, t, x, dx):
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        s, t, x = sample.s, sample.t, sample.xs
         X, dX_dt = jvp(lambda tt: flow_map(s, tt, x), (t,), (torch.ones_like(t),))
         return dX_dt.detach() - flow_map.velocity(t, X)
 
@@ -35,8 +37,9 @@ class WrongSideLagrangian(Lagrangian):
 class VJPEulerian(Eulerian):
     """Unsound: the advective term as a vector-Jacobian product b^T grad X instead of grad X b."""
 
-    def residual(self, flow_map, teacher, s, t, x, dx):
-        b = self.target_velocity(teacher, s, x, dx)
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        s, t, x = sample.s, sample.t, sample.xs
+        b = self.target_velocity(teacher, s, x, sample.dxs)
         _, dX_ds = jvp(lambda ss: flow_map(ss, t, x), (s,), (torch.ones_like(s),))
         with torch.enable_grad():
             xx = x.detach().requires_grad_(True)

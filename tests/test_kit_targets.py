@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from flowspec.flowmap import FlowMap as FlowMapOf
 from flowspec.interpolants import Linear
+from flowspec.objectives.base import upper_triangle
 from flowspec.ode import true_flow_map
 from flowspec.registry import Registry
 from flowspec.testing import AffineFlowMap, check_flow_map, check_objective, correlated_gaussian
@@ -28,8 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _points(oracle, n=64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    pair = torch.rand(n, 2, generator=g, dtype=F64)
-    return pair.min(1).values, pair.max(1).values, 2 * torch.randn(n, oracle.dim, generator=g, dtype=F64)
+    s, t = upper_triangle(n, dtype=F64, generator=g)
+    return s, t, 2 * torch.randn(n, oracle.dim, generator=g, dtype=F64)
 
 
 @FAST

@@ -4,7 +4,8 @@
     (plain autograd, no flowspec.jvp), which pins the stop-gradient semantics;
 (b) every residual vanishes at the exact Gaussian flow map, with the model or the oracle as teacher;
 (c) every residual is positive, with a non-zero gradient, at a perturbed map;
-(d) the (s, t) sampler; (e) the batch-loss normalization on a hand-computed batch.
+(d) the (s, t) sampler; (e) the batch-loss normalization on a hand-computed batch, and a residual
+    that uses more of the off-diagonal sample than I_s (x0, x1, the interpolant); (f) method names.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from torch import nn
 from flowspec.flowmap import FlowMap
 from flowspec.interpolants import Linear, Trig
 from flowspec.networks.mlp import MLP, MLPOptions
-from flowspec.objectives.base import Batch, Objective, Teacher, squared_norm
+from flowspec.objectives.base import Batch, Objective, OffDiagonal, Teacher, sample_times, squared_norm
 from flowspec.objectives.eulerian import Eulerian
 from flowspec.objectives.flow_matching import FlowMatching
+from flowspec.objectives.fmm import FlowMapMatching
 from flowspec.objectives.lagrangian import Lagrangian
 from flowspec.objectives.progressive import Progressive
+from flowspec.objectives.shortcut import Shortcut
 from flowspec.teachers import SelfTeacher
 from flowspec.testing import ExactFlowMap, GaussianOracle
 
@@ -154,7 +157,7 @@ def test_loss_and_gradient_match_transcription(case_data, case, schedule, monkey
         obj = Progressive(Progressive.Options(gamma=case.split("-")[1]))
         g = torch.full_like(gamma, 0.5) if case.endswith("half") else gamma
         if case.endswith("uniform"):
-            monkeypatch.setattr(obj, "split", lambda s_: gamma)
+            monkeypatch.setattr(obj, "split", lambda s_, generator=None: gamma)
         res = lambda *a: hand.progressive(*a, gamma=g)  # noqa: E731
     else:
         obj, res, n_diag = FlowMatching(), None, B
@@ -191,7 +194,8 @@ ORACLES = [pytest.param((I, c), id=f"{I.__name__}-c{c}") for I in (Linear, Trig)
 
 
 def oracle_batch(oracle, n=64, gap=0.0, seed=0):
-    """Off-diagonal times (s < t, t - s >= gap), I_s and dI_s/ds for x0 ~ base, x1 ~ N(mu, sigma^2)."""
+    """The batch and its off-diagonal sample: times s < t (t - s >= gap), x0 ~ base, x1 ~ N(mu, sigma^2),
+    I_s and dI_s/ds."""
     g = torch.Generator().manual_seed(seed)
     x0, x1 = oracle.sample_base(n, g), oracle.sample_data(n, g)
     pair = torch.rand(n, 2, generator=g, dtype=F64)
@@ -199,8 +203,7 @@ def oracle_batch(oracle, n=64, gap=0.0, seed=0):
     if gap:
         s = s * (1 - gap)
         t = s + gap + (1 - gap - s) * torch.rand(n, generator=g, dtype=F64)
-    xs, dxs = oracle.interpolant.interpolate(s, x0, x1)
-    return Batch(x0, x1), s, t, xs, dxs
+    return Batch(x0, x1), OffDiagonal.at(oracle.interpolant, s, t, x0, x1)
 
 
 @pytest.mark.parametrize("spec", ORACLES)
@@ -211,9 +214,10 @@ def test_residuals_vanish_at_exact_map(spec, teacher_kind):
     fm = ExactFlowMap(oracle)
     teacher = SelfTeacher(fm) if teacher_kind == "self" else oracle
     assert isinstance(teacher, Teacher)
-    batch, s, t, xs, dxs = oracle_batch(oracle)
+    batch, off = oracle_batch(oracle)
+    s, t, xs = off.s, off.t, off.xs
     for name, obj in make_objectives().items():
-        r = obj.residual(fm, teacher, s, t, xs, dxs)
+        r = obj.residual(fm, teacher, off)
         assert r.shape == xs.shape
         assert r.abs().max() <= 1e-8, name
         out = obj.loss_at(fm, oracle.interpolant, teacher, batch, s, t, 0)
@@ -233,13 +237,14 @@ def test_residuals_positive_at_perturbed_map(spec, teacher_kind, monkeypatch):
     oracle = GaussianOracle(interp(), MU, sigma=1.3, c=c)
     fm = ExactFlowMap(oracle, eps=0.1)
     teacher = SelfTeacher(fm) if teacher_kind == "self" else oracle
-    batch, s, t, xs, dxs = oracle_batch(oracle, n=32, gap=0.2, seed=1)
+    batch, off = oracle_batch(oracle, n=32, gap=0.2, seed=1)
+    s, t, xs = off.s, off.t, off.xs
     objectives = make_objectives()
     # PSD's residual scales like gamma (1 - gamma): keep gamma away from 0 and 1 for a per-sample bound
     gamma = 0.1 + 0.8 * torch.rand(len(s), generator=torch.Generator().manual_seed(2), dtype=F64)
-    monkeypatch.setattr(objectives["progressive-uniform"], "split", lambda s_: gamma)
+    monkeypatch.setattr(objectives["progressive-uniform"], "split", lambda s_, generator=None: gamma)
     for name, obj in objectives.items():
-        per = squared_norm(obj.residual(fm, teacher, s, t, xs, dxs))
+        per = squared_norm(obj.residual(fm, teacher, off))
         # per sample |r|^2 >= 1e-9 (at the exact map <= 1e-16); a few 1e-4 on average
         assert per.min() > 1e-9 and per.mean() > 1e-5, name
         fm.zero_grad()
@@ -281,6 +286,19 @@ def test_sample_times_distribution():
     assert abs(td.mean() - 0.5) < 0.01 and abs((td < 0.25).double().mean() - 0.25) < 0.01
 
 
+def test_sample_times_draw_order():
+    """The diagonal times first, then the off-diagonal pairs (two uniforms each, sorted), all from
+    the generator: the draws every run and every test's numbers depend on."""
+    s, t, n_diag = sample_times(6, 1 / 3, "cpu", F64, torch.Generator().manual_seed(5))
+    g = torch.Generator().manual_seed(5)
+    td, pair = torch.rand(2, generator=g, dtype=F64), torch.rand(4, 2, generator=g, dtype=F64)
+    assert n_diag == 2
+    assert torch.equal(s, torch.cat([td, pair.min(1).values])) and torch.equal(t, torch.cat([td, pair.max(1).values]))
+    obj = Lagrangian(Lagrangian.Options(diagonal_fraction=1 / 3))
+    same = obj.sample_times(6, "cpu", F64, torch.Generator().manual_seed(5))
+    assert torch.equal(same[0], s) and torch.equal(same[1], t) and same[2] == 2
+
+
 def test_progressive_uniform_split():
     torch.manual_seed(0)
     gamma = Progressive(Progressive.Options(gamma="uniform")).split(torch.zeros(50_000, dtype=F64))
@@ -288,6 +306,9 @@ def test_progressive_uniform_split():
     assert abs(gamma.mean() - 0.5) < 0.01 and abs(gamma.var() - 1 / 12) < 0.005
     half = Progressive(Progressive.Options(gamma="half")).split(torch.zeros(3, dtype=F64))
     assert torch.equal(half, torch.full((3,), 0.5, dtype=F64))
+    # the batch's generator reaches the split through the residual's sample
+    drawn = Progressive().split(torch.zeros(4, dtype=F64), torch.Generator().manual_seed(9))
+    assert torch.equal(drawn, torch.rand(4, generator=torch.Generator().manual_seed(9), dtype=F64))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,11 +320,11 @@ class ZeroNet(nn.Module):
 
 
 class EchoObjective(Objective):
-    """r = x (the off-diagonal I_s itself); records its arguments."""
+    """r = I_s itself; records the off-diagonal sample it was given."""
 
-    def residual(self, flow_map, teacher, s, t, x, dx):
-        self.seen = (s, t, x, dx)
-        return x
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        self.seen = sample
+        return sample.xs
 
 
 def test_batch_loss_normalization_by_hand():
@@ -318,10 +339,40 @@ def test_batch_loss_normalization_by_hand():
     assert out.loss.item() == (4 + 7.25) / 5
     assert out.logs["diagonal"].item() == 2.0 and out.logs["distill"].item() == 7.25 / 3
     assert out.logs["loss"].item() == out.loss.item()
-    so, to, xs, dxs = obj.seen
-    assert torch.equal(so, s[2:]) and torch.equal(to, t[2:])
-    assert torch.equal(xs, torch.tensor([[2, 1], [1.5, 0], [0, 0]], dtype=F64))
-    assert torch.equal(dxs, x1[2:] - x0[2:])
+    seen = obj.seen
+    assert torch.equal(seen.s, s[2:]) and torch.equal(seen.t, t[2:])
+    assert torch.equal(seen.x0, x0[2:]) and torch.equal(seen.x1, x1[2:])
+    assert torch.equal(seen.xs, torch.tensor([[2, 1], [1.5, 0], [0, 0]], dtype=F64))
+    assert torch.equal(seen.dxs, x1[2:] - x0[2:])
+    assert seen.generator is None and isinstance(seen.interpolant, Linear)
+
+
+class EndpointObjective(Objective):
+    """A residual that needs more than I_s: r = x1 - I_t, the data sample against the interpolant
+    at the later time t (computed from x0, x1 and the interpolant itself); records its sample."""
+
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        self.seen = sample
+        it, _ = sample.interpolant.interpolate(sample.t, sample.x0, sample.x1)
+        return sample.x1 - it
+
+
+def test_a_residual_sees_x0_x1_the_interpolant_and_the_generator():
+    x0 = torch.tensor([[1, 0], [0, 2], [1, 1], [2, 0], [0, 0]], dtype=F64)
+    x1 = torch.tensor([[2, 1], [1, 1], [3, 1], [0, 0], [1, -1]], dtype=F64)
+    s = torch.tensor([0.5, 0.25, 0.5, 0.25, 0.0], dtype=F64)
+    t = torch.tensor([0.5, 0.25, 0.75, 1.0, 0.5], dtype=F64)
+    fm, obj, interp, g = FlowMap(ZeroNet()), EndpointObjective(), Linear(), torch.Generator().manual_seed(0)
+    out = obj.loss_at(fm, interp, SelfTeacher(fm), Batch(x0, x1, g), s, t, 2)
+    # diagonal (v = 0): |x1 - x0|^2 = 2 + 2. Off-diagonal, linear: x1 - I_t = (1 - t)(x1 - x0) =
+    # 0.25 (2, 0), 0 (-2, 0), 0.5 (1, -1) = (0.5, 0), (0, 0), (0.5, -0.5): |r|^2 = 0.25 + 0 + 0.5
+    assert out.loss.item() == (4 + 0.75) / 5
+    assert out.logs["distill"].item() == 0.75 / 3
+    seen = obj.seen
+    assert seen.interpolant is interp and seen.generator is g
+    assert torch.equal(seen.x0, x0[2:]) and torch.equal(seen.x1, x1[2:])
+    with pytest.raises(AttributeError):  # frozen: a residual cannot change what the loss sees
+        seen.xs = seen.x1
 
 
 def test_call_samples_times_then_loss_at(case_data):
@@ -341,3 +392,20 @@ def test_finite_difference_jvp_option(case_data, cls, extra):
     losses = [cls(cls.Options(jvp=j, **extra)).loss_at(fm, Linear(), SelfTeacher(fm), batch, s, t, N_DIAG).loss
               for j in ("exact", "finite_difference")]
     torch.testing.assert_close(losses[1], losses[0], atol=0, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# (f) method names: each objective's own class attributes
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("objective, name", [
+    (Lagrangian(), "LSD"), (Lagrangian(Lagrangian.Options(target="teacher")), "LMD"),
+    (Eulerian(), "ESD"), (Eulerian(Eulerian.Options(target="teacher")), "EMD"),
+    (Eulerian(Eulerian.Options(target="conditional")), "MeanFlow (Eulerian consistency training)"),
+    (Progressive(), "PSD-U"), (Progressive(Progressive.Options(gamma="half")), "PSD-M"),
+    (Progressive(Progressive.Options(target="teacher", gamma="half")), "PD"),
+    (Shortcut(), "shortcut model"), (Shortcut(Shortcut.Options(target="teacher")), "shortcut (teacher)"),
+    (FlowMapMatching(), "flow map matching"), (FlowMatching(), "flow matching"),
+    (type("Custom", (Objective,), {"characterization": "custom"})(), "custom (self)"),  # no names: the fallback
+])
+def test_method_names_are_class_attributes(objective, name):
+    assert objective.method_name() == name

@@ -8,7 +8,7 @@ import torch
 
 from flowspec import engine
 from flowspec.interpolants import Linear, Trig
-from flowspec.objectives.base import Batch, adaptive
+from flowspec.objectives.base import Batch, OffDiagonal, adaptive
 from flowspec.objectives.eulerian import Eulerian
 from flowspec.objectives.fmm import FlowMapMatching
 from flowspec.objectives.shortcut import Shortcut
@@ -73,8 +73,10 @@ def test_anchored_shortcut_finest_target_is_two_euler_steps_of_the_diagonal():
     exact = ExactFlowMap(oracle)
     s = torch.tensor([0.0, 0.25, 0.5, 0.0], dtype=F64)
     t = torch.tensor([0.25, 0.5, 1.0, 1.0], dtype=F64)
-    x = oracle.sample_base(4, torch.Generator().manual_seed(0))
-    r = obj.residual(exact, SelfTeacher(exact), s, t, x, None)
+    g = torch.Generator().manual_seed(0)
+    off = OffDiagonal.at(Trig(), s, t, oracle.sample_base(4, g), oracle.sample_data(4, g))
+    x = off.xs
+    r = obj.residual(exact, SelfTeacher(exact), off)
     u, b = (s + t) / 2, oracle.velocity
     x_u = x + (u - s)[:, None] * b(s, x)
     euler = (b(s, x) + b(u, x_u)) / 2
@@ -90,8 +92,9 @@ def test_fmm_inverse_term_vanishes_and_exact_map_beats_a_perturbed_one():
     assert (s > t).any() and (s < t).any()  # both directions
     b = batch(oracle, 2000, 5)
     exact, bad = ExactFlowMap(oracle), ExactFlowMap(oracle, eps=0.5)
-    xs, dxs = Linear().interpolate(s, b.x0, b.x1)
-    r = obj.residual(exact, None, s, t, xs, dxs)
+    off = OffDiagonal.at(Linear(), s, t, b.x0, b.x1)
+    xs, dxs = off.xs, off.dxs
+    r = obj.residual(exact, None, off)
     assert r[:, 1].abs().max() < 1e-10  # X_{t,s}(X_{s,t}(x)) = x
     # the first term is b_s(I_s) - dI_s/ds: its mean vanishes and its variance is the irreducible part
     torch.testing.assert_close(r[:, 0], oracle.velocity(s, xs) - dxs)

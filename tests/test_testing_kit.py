@@ -21,6 +21,7 @@ from flowspec.interpolants import Linear, Trig
 from flowspec.jvp import jvp
 from flowspec.metrics import EnergyDistance, MetricUnavailable
 from flowspec.networks.mlp import MLP, MLPOptions
+from flowspec.objectives.base import OffDiagonal, Teacher
 from flowspec.objectives.eulerian import Eulerian
 from flowspec.objectives.flow_matching import FlowMatching
 from flowspec.objectives.lagrangian import Lagrangian
@@ -104,7 +105,8 @@ class StartPointLagrangian(Lagrangian):
 
     characterization = "start_point"
 
-    def residual(self, flow_map, teacher, s, t, x, dx):
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        s, t, x = sample.s, sample.t, sample.xs
         X, dX_dt = jvp(lambda tt: flow_map(s, tt, x), (t,), (torch.ones_like(t),))
         return dX_dt - self.target_velocity(teacher, t, x)
 
@@ -112,7 +114,8 @@ class StartPointLagrangian(Lagrangian):
 class DoubledTarget(Lagrangian):
     """Wrong: a rescaled residual whose target is scaled too, dX/dt - 2 b_t(X)."""
 
-    def residual(self, flow_map, teacher, s, t, x, dx):
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        s, t, x = sample.s, sample.t, sample.xs
         X, dX_dt = jvp(lambda tt: flow_map(s, tt, x), (t,), (torch.ones_like(t),))
         return dX_dt - 2 * self.target_velocity(teacher, t, X)
 
@@ -120,8 +123,8 @@ class DoubledTarget(Lagrangian):
 class NoGradient(Lagrangian):
     """Wrong: everything under stop-gradient, so training never moves the map."""
 
-    def residual(self, flow_map, teacher, s, t, x, dx):
-        return super().residual(flow_map, teacher, s, t, x, dx).detach()
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        return super().residual(flow_map, teacher, sample).detach()
 
 
 def test_start_point_lagrangian_is_caught():

@@ -6,12 +6,15 @@ off-diagonal samples:
     loss = ( sum_{diagonal} |v_{t,t}(I_t) - dI_t/dt|^2 + sum_{off-diagonal} |r|^2 ) / B
 
 A fraction ``diagonal_fraction`` (eta) of each batch lies on the diagonal s = t, t ~ U[0, 1]; the rest
-is uniform on the upper triangle s < t (two uniforms, s = min, t = max). A subclass implements
-:meth:`Objective.residual`; that is the whole of a new objective.
+is uniform on the upper triangle s < t (two uniforms, s = min, t = max): :func:`sample_times`. A
+subclass implements :meth:`Objective.residual`, which receives the off-diagonal part of the batch as
+one :class:`OffDiagonal` (times, x0, x1, I_s, dI_s/ds, the interpolant, the generator); that is the
+whole of a new objective.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar, Literal, Protocol, runtime_checkable
 
@@ -72,6 +75,58 @@ class Batch:
     generator: torch.Generator | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class OffDiagonal:
+    """The off-diagonal samples of a batch, everything a residual may use (MATH.md, "Losses").
+
+    s, t: times, (B,) (s < t, or any order for an objective that samples both);
+    x0, x1: the base and data samples, (B, ...); xs = I_s and dxs = dI_s/ds of ``interpolant``
+    at (s, x0, x1), (B, ...); generator: the batch's generator, for a residual that draws random
+    numbers (None: torch's global RNG). Build one with :meth:`at` so that xs and dxs are the
+    interpolant's.
+    """
+
+    s: torch.Tensor
+    t: torch.Tensor
+    x0: torch.Tensor
+    x1: torch.Tensor
+    xs: torch.Tensor
+    dxs: torch.Tensor
+    interpolant: Interpolant
+    generator: torch.Generator | None = None
+
+    @classmethod
+    def at(cls, interpolant: Interpolant, s: torch.Tensor, t: torch.Tensor, x0: torch.Tensor,
+           x1: torch.Tensor, generator: torch.Generator | None = None) -> OffDiagonal:
+        """The samples at times (s, t) of (x0, x1): xs, dxs = interpolant.interpolate(s, x0, x1)."""
+        xs, dxs = interpolant.interpolate(s, x0, x1)
+        return cls(s=s, t=t, x0=x0, x1=x1, xs=xs, dxs=dxs, interpolant=interpolant, generator=generator)
+
+
+#: draws m off-diagonal pairs: (m, device, dtype, generator) -> (s, t), each (m,)
+PairSampler = Callable[[int, torch.device | str | None, torch.dtype | None, torch.Generator | None],
+                       tuple[torch.Tensor, torch.Tensor]]
+
+
+def upper_triangle(m: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """m pairs uniform on the triangle s <= t: two uniforms each, s the smaller and t the larger."""
+    pair = torch.rand(m, 2, device=device, dtype=dtype, generator=generator)
+    return pair.min(dim=1).values, pair.max(dim=1).values
+
+
+def sample_times(n: int, eta: float, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 generator: torch.Generator | None = None, off_diagonal: PairSampler = upper_triangle
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(s, t, n_diag), s and t (n,): the first n_diag = round(eta n) pairs on the diagonal s = t ~ U[0, 1],
+    then n - n_diag pairs from ``off_diagonal`` (default: uniform on the triangle s < t). The diagonal
+    times are drawn first, then the off-diagonal ones, all from ``generator``."""
+    n_diag = int(round(eta * n))
+    t_diag = torch.rand(n_diag, device=device, dtype=dtype, generator=generator)
+    s, t = off_diagonal(n - n_diag, device, dtype, generator)
+    return torch.cat([t_diag, s]), torch.cat([t_diag, t]), n_diag
+
+
 @dataclass
 class LossOutput:
     """Scalar loss and detached per-term means for logging (tensors: no device sync per step)."""
@@ -97,7 +152,7 @@ class Objective:
     """Base class of every loss. Constructed as ``Objective(options)``.
 
     A new objective subclasses this, sets the class attributes below, and implements
-    :meth:`residual` (and optionally :meth:`penalty`); its options are a subclass of
+    :meth:`residual` (and optionally :meth:`penalty` and :meth:`off_diagonal_times`); its options are a subclass of
     :class:`ObjectiveOptions` assigned to ``Options`` (pydantic fields: validated and documented in
     the spec reference like the built-ins'). At training time the objective is called with the flow
     map, the interpolant, the teacher and a :class:`Batch`; the base class samples (s, t), adds flow
@@ -108,6 +163,9 @@ class Objective:
         targets: the distillation targets it supports ("self", "teacher", "conditional");
             ``flowspec.testing.check_objective`` checks each of them.
         formula: the residual r and the per-sample loss, as ``flowspec explain`` prints them.
+        names: the method's name per target ("LSD" for lagrangian with target self), as the command
+            line prints it; a target without one is "characterization (target)". A subclass
+            inherits its parent's names: a new method sets its own.
         cost: (forwards, jvps) per off-diagonal sample, MATH.md's cost model: c_D = forwards + jvps C,
             C the cost of a jvp in forward passes. Counts every network pass, with or without grad.
     """
@@ -118,28 +176,29 @@ class Objective:
     formula: ClassVar[str] = ""
     targets: ClassVar[tuple[str, ...]] = ("self",)
     cost: ClassVar[tuple[int, int]] = (1, 0)
+    names: ClassVar[Mapping[str, str]] = {}
+    #: teacher evaluations (NFE on the batch) of the last residual, logged as teacher_nfe when
+    #: non-zero; set by objectives that integrate a teacher's ODE
+    teacher_nfe: int = 0
 
     def __init__(self, options: ObjectiveOptions | None = None):
         self.options = options if options is not None else self.Options()
         if self.options.target not in self.targets:
             raise ValueError(f"{self.characterization} does not support target "
                              f"{self.options.target!r} (valid: {', '.join(self.targets)})")
-        #: the current batch's generator, for residuals that draw random numbers
-        self.generator: torch.Generator | None = None
 
-    # -- the hook a subclass implements ---------------------------------------------------------
-    def residual(self, flow_map: FlowMap, teacher: Teacher, s: torch.Tensor, t: torch.Tensor,
-                 x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-        """The distillation residual r on off-diagonal samples.
+    # -- the hooks a subclass implements --------------------------------------------------------
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        """The distillation residual r on the off-diagonal samples.
 
         Args:
             flow_map: the model.
             teacher: the distillation target (stop-gradient is the teacher's job).
-            s, t: times, (B,), s < t.
-            x: the interpolant sample I_s, (B, ...).
-            dx: its time derivative dI_s/ds, (B, ...) (the "conditional" target).
+            sample: the off-diagonal samples: times s, t (B,); x0, x1; xs = I_s and dxs = dI_s/ds
+                (the "conditional" target), (B, ...); the interpolant; the batch's generator, for
+                any random numbers the residual draws.
         Returns:
-            r, shaped like x; the loss adds |r|^2.
+            r, one row per sample (usually shaped like xs); the loss adds :meth:`penalty` (r).
         """
         raise NotImplementedError
 
@@ -151,7 +210,17 @@ class Objective:
         """
         return squared_norm(r)
 
+    def off_diagonal_times(self, m: int, device: torch.device | str | None, dtype: torch.dtype | None,
+                           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, t), each (m,), of the off-diagonal samples: uniform on the triangle s < t by default."""
+        return upper_triangle(m, device, dtype, generator)
+
     # -- shared machinery -----------------------------------------------------------------------
+    def method_name(self) -> str:
+        """The method's name for the chosen target (:attr:`names`), e.g. "LSD"."""
+        target = self.options.target
+        return self.names.get(target, f"{self.characterization} ({target})")
+
     def step_cost(self, c: float = 1.5) -> float:
         """A training step's cost in flow-matching steps, MATH.md's model: (1 - eta) c_D + eta with
         c_D = forwards + jvps C per off-diagonal sample (a diagonal sample costs 1)."""
@@ -179,22 +248,16 @@ class Objective:
         """Per-sample terms after the optional adaptive (MeanFlow) and learned (log-variance) weights."""
         o = self.options
         per = adaptive(per, o.adaptive_weight, o.adaptive_eps)
-        log_weight = getattr(flow_map, "log_weight", None)
-        if o.learned_weight and log_weight is not None:
-            w = log_weight(s, t)
+        if o.learned_weight and flow_map.log_weight is not None:
+            w = flow_map.log_weight(s, t)
             per = torch.exp(-w) * per + w
         return per
 
-    def sample_times(self, n: int, device, dtype, generator: torch.Generator | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """(s, t, n_diag): the first n_diag = round(eta n) pairs have s = t ~ U[0,1]; the rest are
-        uniform on the upper triangle s < t."""
-        n_diag = int(round(self.options.diagonal_fraction * n))
-        t_diag = torch.rand(n_diag, device=device, dtype=dtype, generator=generator)
-        pair = torch.rand(n - n_diag, 2, device=device, dtype=dtype, generator=generator)
-        s = torch.cat([t_diag, pair.min(dim=1).values])
-        t = torch.cat([t_diag, pair.max(dim=1).values])
-        return s, t, n_diag
+    def sample_times(self, n: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(s, t, n_diag) of :func:`sample_times` with eta = diagonal_fraction and this objective's
+        :meth:`off_diagonal_times`."""
+        return sample_times(n, self.options.diagonal_fraction, device, dtype, generator, self.off_diagonal_times)
 
     def __call__(self, flow_map: FlowMap, interpolant: Interpolant, teacher: Teacher,
                  batch: Batch) -> LossOutput:
@@ -217,15 +280,12 @@ class Objective:
             total = total + self._weigh(flow_map, td, td, per).sum()
             logs["diagonal"] = per.detach().mean()
         if n_diag < n:
-            so, to = s[n_diag:], t[n_diag:]
-            xs, dxs = interpolant.interpolate(so, x0[n_diag:], x1[n_diag:])
-            self.generator = batch.generator
-            per = self.penalty(self.residual(flow_map, teacher, so, to, xs, dxs))
-            total = total + self._weigh(flow_map, so, to, per).sum()
+            off = OffDiagonal.at(interpolant, s[n_diag:], t[n_diag:], x0[n_diag:], x1[n_diag:], batch.generator)
+            per = self.penalty(self.residual(flow_map, teacher, off))
+            total = total + self._weigh(flow_map, off.s, off.t, per).sum()
             logs["distill"] = per.detach().mean()
-            nfe = getattr(self, "teacher_nfe", 0)  # objectives that integrate a teacher's ODE
-            if nfe:
-                logs["teacher_nfe"] = torch.tensor(float(nfe))
+            if self.teacher_nfe:  # objectives that integrate a teacher's ODE
+                logs["teacher_nfe"] = torch.tensor(float(self.teacher_nfe))
         loss = total / n
         logs["loss"] = loss.detach()
         return LossOutput(loss=loss, logs=logs)

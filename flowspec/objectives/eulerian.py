@@ -12,13 +12,15 @@ stop-gradiented). Cost: 1 + C forward passes ("none"), plus one graph-free jvp (
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field, model_validator
 
+from flowspec.flowmap import FlowMap
 from flowspec.jvp import jvp
-from flowspec.objectives.base import Objective, ObjectiveOptions
+from flowspec.objectives.base import Objective, ObjectiveOptions, OffDiagonal, Teacher
 
 
 class EulerianOptions(ObjectiveOptions):
@@ -37,14 +39,18 @@ class EulerianOptions(ObjectiveOptions):
 
 
 class Eulerian(Objective):
-    Options = EulerianOptions
-    characterization = "eulerian"
-    formula = ("x = I_s; b = b-hat_s(x): the model's diagonal v_{s,s} (self), the teacher's b_s, or dI_s/ds "
-               "(conditional)\n"
-               "r = d/ds X_{s,t}(x) + grad_x X_{s,t}(x) b   (jvps: in s, and in x along b)\n"
-               "stop_gradient = full: gradient only through d/ds X; none: through both terms (b always sg)\n"
-               "per-sample loss |r|^2; diagonal samples |v_{t,t}(I_t) - dI_t/dt|^2")
-    targets = ("self", "teacher", "conditional")
+    Options: ClassVar[type[ObjectiveOptions]] = EulerianOptions
+    options: EulerianOptions
+    characterization: ClassVar[str] = "eulerian"
+    names: ClassVar[Mapping[str, str]] = {"self": "ESD", "teacher": "EMD",
+                                          "conditional": "MeanFlow (Eulerian consistency training)"}
+    formula: ClassVar[str] = (
+        "x = I_s; b = b-hat_s(x): the model's diagonal v_{s,s} (self), the teacher's b_s, or dI_s/ds "
+        "(conditional)\n"
+        "r = d/ds X_{s,t}(x) + grad_x X_{s,t}(x) b   (jvps: in s, and in x along b)\n"
+        "stop_gradient = full: gradient only through d/ds X; none: through both terms (b always sg)\n"
+        "per-sample loss |r|^2; diagonal samples |v_{t,t}(I_t) - dI_t/dt|^2")
+    targets: ClassVar[tuple[str, ...]] = ("self", "teacher", "conditional")
 
     @property
     def cost(self) -> tuple[int, int]:  # type: ignore[override]
@@ -53,8 +59,9 @@ class Eulerian(Objective):
         teacher = 0 if self.options.target == "conditional" else 1
         return (teacher, 1 if self.options.stop_gradient == "none" else 2)
 
-    def residual(self, flow_map, teacher, s, t, x, dx):
-        b = self.target_velocity(teacher, s, x, dx)
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        s, t, x = sample.s, sample.t, sample.xs
+        b = self.target_velocity(teacher, s, x, sample.dxs)
         ones = torch.ones_like(s)
         strategy = self.options.jvp
         if self.options.stop_gradient == "none":

@@ -6,11 +6,14 @@ solver), and the teacher for distillation.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
+import torch
 from pydantic import Field
 
-from flowspec.objectives.base import Objective, ObjectiveOptions
+from flowspec.flowmap import FlowMap
+from flowspec.objectives.base import Objective, ObjectiveOptions, OffDiagonal, Teacher
 
 
 class FlowMatchingOptions(ObjectiveOptions):
@@ -18,11 +21,13 @@ class FlowMatchingOptions(ObjectiveOptions):
 
 
 class FlowMatching(Objective):
-    Options = FlowMatchingOptions
-    characterization = "flow_matching"
-    formula = "every sample diagonal: loss |v_{t,t}(I_t) - dI_t/dt|^2, t ~ U[0, 1]"
-    targets = ("self",)
-    cost = (0, 0)
+    Options: ClassVar[type[ObjectiveOptions]] = FlowMatchingOptions
+    characterization: ClassVar[str] = "flow_matching"
+    names: ClassVar[Mapping[str, str]] = {"self": "flow matching"}
+    formula: ClassVar[str] = "every sample diagonal: loss |v_{t,t}(I_t) - dI_t/dt|^2, t ~ U[0, 1]"
+    targets: ClassVar[tuple[str, ...]] = ("self",)
+    cost: ClassVar[tuple[int, int]] = (0, 0)
 
-    def residual(self, flow_map, teacher, s, t, x, dx):  # never called: every sample is diagonal
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        # never called: every sample is diagonal
         raise AssertionError("flow matching has no off-diagonal samples")

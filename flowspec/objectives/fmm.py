@@ -15,13 +15,15 @@ uniforms (not sorted). Cost: 2 + C forward passes per off-diagonal sample.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
+from flowspec.flowmap import FlowMap
 from flowspec.jvp import jvp
-from flowspec.objectives.base import Objective, ObjectiveOptions
+from flowspec.objectives.base import Objective, ObjectiveOptions, OffDiagonal, Teacher
 
 
 class FlowMapMatchingOptions(ObjectiveOptions):
@@ -30,21 +32,23 @@ class FlowMapMatchingOptions(ObjectiveOptions):
 
 
 class FlowMapMatching(Objective):
-    Options = FlowMapMatchingOptions
-    characterization = "fmm"
-    formula = ("(s, t) uniform on [0, 1]^2; x = I_s; y = X_{s,t}(x); (z, dz/dr) = jvp(r -> X_{t,r}(y) at r = s)\n"
-               "r = (dz/dr - dI_s/ds, z - x), no stop-gradient; per-sample loss |r|^2 (both terms)")
-    targets = ("conditional",)
-    cost = (2, 1)
+    Options: ClassVar[type[ObjectiveOptions]] = FlowMapMatchingOptions
+    characterization: ClassVar[str] = "fmm"
+    names: ClassVar[Mapping[str, str]] = {"conditional": "flow map matching"}
+    formula: ClassVar[str] = (
+        "(s, t) uniform on [0, 1]^2; x = I_s; y = X_{s,t}(x); (z, dz/dr) = jvp(r -> X_{t,r}(y) at r = s)\n"
+        "r = (dz/dr - dI_s/ds, z - x), no stop-gradient; per-sample loss |r|^2 (both terms)")
+    targets: ClassVar[tuple[str, ...]] = ("conditional",)
+    cost: ClassVar[tuple[int, int]] = (2, 1)
 
-    def sample_times(self, n, device, dtype, generator=None):
-        """(s, t, n_diag): n_diag = round(eta n) diagonal pairs, then (s, t) uniform on [0, 1]^2."""
-        n_diag = int(round(self.options.diagonal_fraction * n))
-        t_diag = torch.rand(n_diag, device=device, dtype=dtype, generator=generator)
-        pair = torch.rand(n - n_diag, 2, device=device, dtype=dtype, generator=generator)
-        return torch.cat([t_diag, pair[:, 0]]), torch.cat([t_diag, pair[:, 1]]), n_diag
+    def off_diagonal_times(self, m: int, device: torch.device | str | None, dtype: torch.dtype | None,
+                           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, t) uniform on [0, 1]^2: both orders, the map learned forward and backward."""
+        pair = torch.rand(m, 2, device=device, dtype=dtype, generator=generator)
+        return pair[:, 0], pair[:, 1]
 
-    def residual(self, flow_map, teacher, s, t, x, dx):
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        s, t, x, dx = sample.s, sample.t, sample.xs, sample.dxs
         y = flow_map(s, t, x)
         z, dz = jvp(lambda r: flow_map(t, r, y), (s,), (torch.ones_like(s),), strategy=self.options.jvp)
         return torch.stack([dz - dx.detach(), z - x.detach()], dim=1)

@@ -15,13 +15,15 @@ stage would make the minimizer a first-order two-stage step instead.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
+from flowspec.flowmap import FlowMap
 from flowspec.interpolants import expand_as
-from flowspec.objectives.base import Objective, ObjectiveOptions
+from flowspec.objectives.base import Objective, ObjectiveOptions, OffDiagonal, Teacher
 from flowspec.ode import TeacherMapOptions, map_velocity
 
 
@@ -37,22 +39,30 @@ class ProgressiveOptions(ObjectiveOptions):
 
 
 class Progressive(Objective):
-    Options = ProgressiveOptions
-    characterization = "progressive"
-    targets = ("self", "teacher")
+    Options: ClassVar[type[ObjectiveOptions]] = ProgressiveOptions
+    options: ProgressiveOptions
+    characterization: ClassVar[str] = "progressive"
+    #: PSD-U with gamma ~ U[0, 1]; with gamma = 1/2, :attr:`midpoint_names` where they differ
+    names: ClassVar[Mapping[str, str]] = {"self": "PSD-U", "teacher": "PD"}
+    midpoint_names: ClassVar[Mapping[str, str]] = {"self": "PSD-M"}
+    targets: ClassVar[tuple[str, ...]] = ("self", "teacher")
     formula: ClassVar[str] = (
         "u = gamma s + (1 - gamma) t, gamma ~ U[0, 1] (uniform) or 1/2 (half); x = I_s\n"
         "r = v_{s,t}(x) - sg((1 - gamma) v'_{s,u}(x) + gamma v'_{u,t}(X'_{s,u}(x)))\n"
         "v', X': the model itself (target self), or the teacher's map, its ODE xdot = b_t(x) integrated\n"
         "over [s, u] and then over [u, t] (target teacher); per-sample loss |r|^2")
-    #: teacher evaluations (NFE on the batch) of the last residual, both stages; 0 with target = self
-    teacher_nfe: int = 0
 
     @property
     def cost(self) -> tuple[int, int]:  # type: ignore[override]
         """(forwards, jvps) of the model per off-diagonal sample: 3 (self), 1 (teacher, plus the
         teacher's evaluations: :meth:`teacher_cost`)."""
         return (1, 0) if self.options.target == "teacher" else (3, 0)
+
+    def method_name(self) -> str:
+        """PSD-U / PSD-M (target self, by gamma) or PD (teacher)."""
+        if self.options.gamma == "half" and self.options.target in self.midpoint_names:
+            return self.midpoint_names[self.options.target]
+        return super().method_name()
 
     def teacher_map_options(self) -> TeacherMapOptions:
         o = self.options
@@ -68,15 +78,16 @@ class Progressive(Objective):
         return (f"+ 2 adaptive dopri5 solves of the teacher's ODE (tol {o.teacher_tol:g}; about 60-150 "
                 "teacher evaluations each on Gaussian targets; logged as teacher_nfe)")
 
-    def split(self, s: torch.Tensor) -> torch.Tensor:
-        """gamma, shape (B,)."""
+    def split(self, s: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """gamma, shape (B,): 1/2, or uniform draws from ``generator`` (None: torch's global RNG)."""
         if self.options.gamma == "half":
             return torch.full_like(s, 0.5)
-        return torch.rand(s.shape, device=s.device, dtype=s.dtype, generator=self.generator)
+        return torch.rand(s.shape, device=s.device, dtype=s.dtype, generator=generator)
 
-    def teacher_stages(self, teacher, s: torch.Tensor, u: torch.Tensor, t: torch.Tensor, x: torch.Tensor
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(v'_{s,u}(x), v'_{u,t}(X'_{s,u}(x))) of the teacher's integrated map, each shaped like x."""
+    def teacher_stages(self, teacher: Teacher, s: torch.Tensor, u: torch.Tensor, t: torch.Tensor,
+                       x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v'_{s,u}(x), v'_{u,t}(X'_{s,u}(x))) of the teacher's integrated map, each shaped like x;
+        sets :attr:`teacher_nfe` to the teacher evaluations of both stages."""
         opts = self.teacher_map_options()
         ev = getattr(teacher, "eval_dtype", None)  # float64 for closed-form teachers
         v_su, n1 = map_velocity(teacher.velocity, s, u, x, opts, ev)
@@ -85,8 +96,9 @@ class Progressive(Objective):
         self.teacher_nfe = n1 + n2
         return v_su, v_ut
 
-    def residual(self, flow_map, teacher, s, t, x, dx):
-        gamma = self.split(s)
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        s, t, x = sample.s, sample.t, sample.xs
+        gamma = self.split(s, sample.generator)
         u = gamma * s + (1 - gamma) * t
         g = expand_as(gamma, x)
         with torch.no_grad():

@@ -24,12 +24,15 @@ h / 2 that no term trains, and self-distillation ran away on the checkerboard (l
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
 
+from flowspec.flowmap import FlowMap
 from flowspec.interpolants import expand_as
+from flowspec.objectives.base import ObjectiveOptions, OffDiagonal, Teacher
 from flowspec.objectives.progressive import Progressive, ProgressiveOptions
 
 
@@ -43,28 +46,29 @@ class ShortcutOptions(ProgressiveOptions):
 
 
 class Shortcut(Progressive):
-    Options = ShortcutOptions
-    characterization = "shortcut"
-    formula = ("h = 2^-k, k ~ U{0..levels-1}; s on the grid of h; t = s + h; u = (s + t) / 2; x = I_s\n"
-               "r = v_{s,t}(x) - sg(1/2 v'_{s,u}(x) + 1/2 v'_{u,t}(X'_{s,u}(x)))\n"
-               "v', X': the model (self; at the finest level with anchor, two Euler steps of v_{s,s}) or the\n"
-               "teacher's map, its ODE integrated over [s, u] then [u, t] (teacher); per-sample loss |r|^2")
-    targets = ("self", "teacher")
-    def sample_times(self, n, device, dtype, generator=None):
-        """(s, t, n_diag): n_diag = round(eta n) diagonal pairs s = t ~ U[0, 1], then dyadic pairs
-        (s, s + 2^-k) with s on the grid of 2^-k."""
-        n_diag = int(round(self.options.diagonal_fraction * n))
-        t_diag = torch.rand(n_diag, device=device, dtype=dtype, generator=generator)
-        m = n - n_diag
+    Options: ClassVar[type[ObjectiveOptions]] = ShortcutOptions
+    options: ShortcutOptions
+    characterization: ClassVar[str] = "shortcut"
+    names: ClassVar[Mapping[str, str]] = {"self": "shortcut model"}
+    midpoint_names: ClassVar[Mapping[str, str]] = {}  # gamma is always 1/2: no PSD-M
+    formula: ClassVar[str] = (
+        "h = 2^-k, k ~ U{0..levels-1}; s on the grid of h; t = s + h; u = (s + t) / 2; x = I_s\n"
+        "r = v_{s,t}(x) - sg(1/2 v'_{s,u}(x) + 1/2 v'_{u,t}(X'_{s,u}(x)))\n"
+        "v', X': the model (self; at the finest level with anchor, two Euler steps of v_{s,s}) or the\n"
+        "teacher's map, its ODE integrated over [s, u] then [u, t] (teacher); per-sample loss |r|^2")
+    targets: ClassVar[tuple[str, ...]] = ("self", "teacher")
+
+    def off_diagonal_times(self, m: int, device: torch.device | str | None, dtype: torch.dtype | None,
+                           generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dyadic pairs (s, s + 2^-k), k ~ U{0, ..., levels - 1}, s uniform on the grid of 2^-k."""
         k = torch.randint(0, self.options.levels, (m,), device=device, generator=generator)
         h = torch.pow(2.0, -k.to(torch.float64))
         cells = torch.pow(2.0, k.to(torch.float64))  # number of steps of size h in [0, 1]
         j = torch.floor(torch.rand(m, device=device, dtype=torch.float64, generator=generator) * cells)
-        s = (j * h).to(dtype)
-        t = ((j + 1) * h).to(dtype)
-        return torch.cat([t_diag, s]), torch.cat([t_diag, t]), n_diag
+        return (j * h).to(dtype), ((j + 1) * h).to(dtype)
 
-    def residual(self, flow_map, teacher, s, t, x, dx):
+    def residual(self, flow_map: FlowMap, teacher: Teacher, sample: OffDiagonal) -> torch.Tensor:
+        s, t, x = sample.s, sample.t, sample.xs
         u = (s + t) / 2
         with torch.no_grad():
             if self.options.target == "teacher":  # the teacher's own map: no anchor, no Euler step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from flowspec.interpolants import Linear, Trig
+from flowspec.objectives.base import upper_triangle
 from flowspec.testing.oracles import GaussianOracle
 
 F32, F64 = torch.float32, torch.float64
@@ -39,10 +40,11 @@ def edge_times(dtype=F64) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sample_times(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The 8 edge pairs, then n - 8 pairs uniform on the triangle s <= t; float64 (n,) each."""
+    """The 8 edge pairs, then n - 8 pairs uniform on the triangle s <= t (the objectives' own
+    :func:`~flowspec.objectives.base.upper_triangle`); float64 (max(n, 8),) each."""
     es, et = edge_times()
-    pair = torch.rand(max(n - len(es), 0), 2, generator=generator, dtype=F64)
-    return torch.cat([es, pair.min(1).values]), torch.cat([et, pair.max(1).values])
+    s, t = upper_triangle(max(n - len(es), 0), dtype=F64, generator=generator)
+    return torch.cat([es, s]), torch.cat([et, t])
 
 
 def default_oracles(dim: int = 2) -> list:

@@ -22,7 +22,7 @@ from torch import nn
 
 from flowspec.flowmap import FlowMap
 from flowspec.jvp import jvp
-from flowspec.testing.common import F32, F64, CheckFailed, edge_times
+from flowspec.testing.common import F32, F64, CheckFailed, sample_times
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CONDITIONS = ("lagrangian", "eulerian", "semigroup")
@@ -62,9 +62,7 @@ def _structure(fm: FlowMap, shape: Sequence[int], n: int, g: torch.Generator, at
     gradients through the jvp (what the Lagrangian and Eulerian losses backpropagate)."""
     msgs: list[str] = []
     fm32, fm64 = copy.deepcopy(fm).float(), copy.deepcopy(fm).double()
-    es, et = edge_times()
-    pair = torch.rand(max(n, len(es)) - len(es), 2, generator=g, dtype=F64)
-    s, t = torch.cat([es, pair.min(1).values]), torch.cat([et, pair.max(1).values])
+    s, t = sample_times(n, g)  # the 8 edge pairs, then uniform on s <= t
     x = torch.randn(len(s), *shape, generator=g, dtype=F64)
     with torch.no_grad():
         for model, dtype in ((fm32, F32), (fm64, F64)):
@@ -125,7 +123,6 @@ def _conditions(fm: FlowMap, velocity: Velocity, shape: Sequence[int], atol: flo
     from hypothesis import strategies as st
     from hypothesis.control import currently_in_test_context
 
-    from flowspec.testing.common import sample_times
     from flowspec.testing.strategies import time_pairs
 
     worst: dict[str, tuple[float, float, float]] = {}

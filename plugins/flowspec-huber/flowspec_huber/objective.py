@@ -13,6 +13,9 @@ check_objective checks that for both targets. Cost per off-diagonal sample: 1 + 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 from pydantic import Field
 
@@ -29,6 +32,8 @@ class HuberLagrangian(Lagrangian):
 
     Options = HuberLagrangianOptions
     characterization = "lagrangian_huber"
+    #: its own names: inherited ones would call it plain LSD / LMD
+    names: ClassVar[Mapping[str, str]] = {"self": "LSD, pseudo-Huber penalty", "teacher": "LMD, pseudo-Huber penalty"}
     formula = ("x = I_s; (X, dX/dt) = jvp(t -> X_{s,t}(x), tangent 1); r = dX/dt - sg(b-hat_t(sg(X)))\n"
                "per-sample loss sqrt(|r|^2 + c^2) - c, c = huber_c; gradient only through dX/dt")
     targets = ("self", "teacher")

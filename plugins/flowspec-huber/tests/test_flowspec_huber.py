@@ -72,3 +72,9 @@ def test_registered_through_entry_points():
                              ("metrics", "moments", MomentError)):
         comp = reg.components(group)[name]
         assert (comp.obj, comp.distribution, comp.error) == (cls, "flowspec-huber", None)
+
+
+def test_method_names_are_its_own():
+    # names are inherited: without its own, explain would call the Huber objective plain LSD
+    assert [HuberLagrangian(HuberLagrangian.Options(target=t)).method_name() for t in ("self", "teacher")] == [
+        "LSD, pseudo-Huber penalty", "LMD, pseudo-Huber penalty"]
