@@ -193,7 +193,7 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
     g = _compile(s, spec)
     obj = g.objective
     o = obj.options
-    formula = getattr(obj, "formula", "") or ""
+    formula = obj.formula
     if not formula:  # an objective without a formula: the second paragraph of its module docstring
         doc = (sys.modules[type(obj).__module__].__doc__ or "").strip().split("\n\n")
         formula = doc[1] if len(doc) > 1 else ""
@@ -212,7 +212,7 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
         f"  cost per step     ((1 - eta) c_D + eta) B with c_D = {obj.cost_formula()}, C = 1.5: "
         f"~{obj.step_cost() * s.train.batch_size:,.0f} forward passes ({obj.step_cost():.2f} x flow matching)"
         + (f"\n                    {escape(obj.teacher_cost())} per off-diagonal sample"
-           if getattr(obj, "teacher_cost", lambda: "")() else ""),
+           if obj.teacher_cost() else ""),
         f"  evaluation        K in {s.eval.steps}, {s.eval.num_samples} samples, metrics {', '.join(s.eval.metrics)}",
     ]
     if formula:

@@ -67,7 +67,8 @@ def test_check_reports_a_tangent_residual_that_falls_with_training(gaussian_run,
         code, out, err = main("check", gaussian_run, "--step", step, "--n", 1000, "--json", tmp_path / f"{step}.json")
         assert code == 0, err
         assert f"step-{step:08d}.safetensors, velocity exact, 1000 points" in out
-        for label in ("Lagrangian |dX/dt - b_t(X)|", "Eulerian   |dX/ds + grad X b_s|", "semigroup  |X_ut(X_su) - X_st|"):
+        for label in ("Lagrangian |dX/dt - b_t(X)|", "Eulerian   |dX/ds + grad X b_s|",
+                      "semigroup  |X_ut(X_su) - X_st|"):
             line = next(line for line in out.splitlines() if label in line)
             assert " ± " in line and "median" in line and "90%" in line
         results[step] = json.loads((tmp_path / f"{step}.json").read_text())

@@ -228,6 +228,11 @@ class Objective:
         eta = self.options.diagonal_fraction
         return (1 - eta) * (forwards + jvps * c) + eta
 
+    def teacher_cost(self) -> str:
+        """What a frozen teacher costs per off-diagonal sample, in words ("" when nothing beyond
+        :attr:`cost`; the progressive objectives integrate the teacher's ODE)."""
+        return ""
+
     def cost_formula(self) -> str:
         """c_D in MATH.md's notation: "3", "1 + C", "1 + 2C"."""
         forwards, jvps = self.cost

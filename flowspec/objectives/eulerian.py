@@ -29,7 +29,7 @@ class EulerianOptions(ObjectiveOptions):
     )
 
     @model_validator(mode="after")
-    def _unbiased(self) -> "EulerianOptions":
+    def _unbiased(self) -> EulerianOptions:
         # With the Monte-Carlo tangent, |r|^2's noise variance depends on grad_x X when the
         # gradient flows through the advective term: the exact map is then not the minimizer.
         if self.target == "conditional" and self.stop_gradient == "none":

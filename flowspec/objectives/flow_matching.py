@@ -17,7 +17,7 @@ from flowspec.objectives.base import Objective, ObjectiveOptions, OffDiagonal, T
 
 
 class FlowMatchingOptions(ObjectiveOptions):
-    diagonal_fraction: Literal[1.0] = Field(1.0, description="flow matching is all diagonal")
+    diagonal_fraction: Literal[1.0] = Field(1.0, description="flow matching is all diagonal")  # type: ignore[valid-type]
 
 
 class FlowMatching(Objective):

@@ -14,8 +14,17 @@
   the hypothesis profile ``flowspec``.
 """
 
-from flowspec.testing.checks import (CheckFailed, check_dataset, check_flow_map, check_interpolant,
-                                     check_metric, check_objective, check_penalty, default_oracles, edge_times)
+from flowspec.testing.checks import (
+    CheckFailed,
+    check_dataset,
+    check_flow_map,
+    check_interpolant,
+    check_metric,
+    check_objective,
+    check_penalty,
+    default_oracles,
+    edge_times,
+)
 from flowspec.testing.families import AffineFlowMap
 from flowspec.testing.oracles import ExactFlowMap, GaussianOracle, PerturbedFlowMap
 from flowspec.testing.targets import CorrelatedGaussianOracle, MixtureOracle, correlated_gaussian

@@ -19,8 +19,7 @@ import math
 import torch
 
 from flowspec.interpolants import Interpolant
-from flowspec.testing.common import (F32, F64, ZERO_TOL, CheckFailed, default_oracles, edge_times,
-                                     zero_tolerance)
+from flowspec.testing.common import F32, F64, ZERO_TOL, CheckFailed, default_oracles, edge_times, zero_tolerance
 from flowspec.testing.flow_map_checks import check_flow_map, flow_map_residuals
 from flowspec.testing.objective_checks import check_objective, check_penalty
 
@@ -65,7 +64,8 @@ def check_interpolant(interpolant: Interpolant, *, n: int = 201, atol: float = 1
         msgs.append("alpha_t = beta_t = 0 somewhere on [0, 1]")
     h = 1e-6
     inner = torch.linspace(1e-3, 1 - 1e-3, n, dtype=F64)
-    plus, minus, at = interpolant.coefficients(inner + h), interpolant.coefficients(inner - h), interpolant.coefficients(inner)
+    plus, minus = interpolant.coefficients(inner + h), interpolant.coefficients(inner - h)
+    at = interpolant.coefficients(inner)
     edges = torch.tensor([0.0, 1.0], dtype=F64)
     sign = torch.tensor([1.0, -1.0], dtype=F64)
     e0, e1, e2 = (interpolant.coefficients(edges + sign * k * h) for k in (0, 1, 2))
@@ -87,7 +87,8 @@ def check_interpolant(interpolant: Interpolant, *, n: int = 201, atol: float = 1
     it, dit = interpolant.interpolate(t, x0, x1)
     want_i = c.alpha[:, None, None] * x0 + c.beta[:, None, None] * x1
     want_d = c.alpha_dot[:, None, None] * x0 + c.beta_dot[:, None, None] * x1
-    if it.shape != x0.shape or not torch.allclose(it, want_i, atol=1e-12) or not torch.allclose(dit, want_d, atol=1e-12):
+    if (it.shape != x0.shape or not torch.allclose(it, want_i, atol=1e-12)
+            or not torch.allclose(dit, want_d, atol=1e-12)):
         msgs.append("interpolate(t, x0, x1) is not (alpha_t x0 + beta_t x1, alphadot_t x0 + betadot_t x1)")
     elif not (torch.allclose(it[0], x0[0], atol=1e-12) and torch.allclose(it[-1], x1[-1], atol=1e-12)):
         msgs.append("I_0 != x0 or I_1 != x1")

@@ -38,6 +38,9 @@ class AffineFlowMap(FlowMap):
         theta: (D * D + D, hidden) float64 parameter, zero at the exact map.
     """
 
+    proj: torch.Tensor
+    centre: torch.Tensor
+
     def __init__(self, oracle, dim: int, hidden: int = 6, seed: int = 0):
         super().__init__(_NoNet())
         self.oracle, self.dim = oracle, dim

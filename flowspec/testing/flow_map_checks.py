@@ -15,13 +15,13 @@ velocity, after the structural properties every flowspec map must have.
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
 from flowspec.flowmap import FlowMap
-from flowspec.jvp import jvp
+from flowspec.jvp import Strategy, jvp
 from flowspec.testing.common import F32, F64, CheckFailed, sample_times
 
 Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -33,7 +33,7 @@ def _norm(r: torch.Tensor) -> torch.Tensor:
 
 
 def flow_map_residuals(flow_map: FlowMap, velocity: Velocity, s: torch.Tensor, t: torch.Tensor,
-                       x: torch.Tensor, u: torch.Tensor | None = None, strategy: str = "exact"
+                       x: torch.Tensor, u: torch.Tensor | None = None, strategy: Strategy = "exact"
                        ) -> dict[str, torch.Tensor]:
     """Per-sample norms of the three residuals above, and |b_t(X_{s,t}(x))| for scale.
 
@@ -104,9 +104,9 @@ def _structure(fm: FlowMap, shape: Sequence[int], n: int, g: torch.Generator, at
         except RuntimeError as exc:
             return msgs + [f"backward through the jvp fails ({str(exc).splitlines()[0][:120]}); inside a jvp use "
                            "flowspec.jvp.attention, not torch.softmax or F.scaled_dot_product_attention"]
-        fd = torch.autograd.grad(jvp(f, (ti,), (one,), strategy="finite_difference", step=1e-7)[1].pow(2).sum(),
-                                 params, allow_unused=True)
-        pairs = [(a, b) for a, b in zip(grads, fd) if a is not None and b is not None]
+        fd_grads = torch.autograd.grad(jvp(f, (ti,), (one,), strategy="finite_difference", step=1e-7)[1].pow(2).sum(),
+                                       params, allow_unused=True)
+        pairs = [(a, b) for a, b in zip(grads, fd_grads) if a is not None and b is not None]
         e = max(((a - b).abs().max() / (1 + a.abs().max())).item() for a, b in pairs) if pairs else 0.0
         if e > 1e3 * atol:
             msgs.append(f"gradient through the jvp disagrees with central differences by {e:.3g}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import pytest
 
-
 #: the ``flowspec`` profile, with every phase but shrinking
 PROFILE = dict(max_examples=15, deadline=None)
 
@@ -39,7 +38,8 @@ def register_profile() -> None:
     except ImportError:  # pragma: no cover - hypothesis is in flowspec's test extra
         return
     phases = tuple(p for p in Phase if p.name != "shrink")
-    settings.register_profile("flowspec", phases=phases, **PROFILE)
+    settings.register_profile("flowspec", phases=phases, max_examples=PROFILE["max_examples"],
+                              deadline=PROFILE["deadline"])
 
 
 register_profile()

@@ -38,6 +38,7 @@ class Quadratic(Interpolant):
     """
 
     Options = QuadraticOptions
+    options: QuadraticOptions
 
     def coefficients(self, t: torch.Tensor) -> Coefficients:
         ka, kb = self.options.k_alpha, self.options.k_beta

@@ -22,7 +22,6 @@ differences (no cancellation near s = t), as for :class:`~flowspec.testing.Gauss
 
 from __future__ import annotations
 
-
 import torch
 
 from flowspec.interpolants import Interpolant, expand_as
