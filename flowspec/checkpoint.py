@@ -238,6 +238,16 @@ def pointer(ckpt_dir: Path) -> str | None:
     return stem if STEM.match(stem) else None
 
 
+def same_world(ckpt: Checkpoint, world_size: int) -> None:
+    """:class:`Refused` unless ``ckpt`` was written by a run of ``world_size`` processes (resuming
+    with another count would draw other samples: the result would differ)."""
+    world = ckpt.state.get("world_size", 1)
+    if world != world_size:
+        raise Refused(f"{ckpt.path.parent.parent}: trained with {world} process{'es' if world != 1 else ''}, "
+                      f"resumed with {world_size}: the result would differ; resume with "
+                      + (f"--nproc {world}" if world != 1 else "one process (no --nproc)"))
+
+
 def restore(graph, ckpt: Checkpoint | Path) -> None:
     """Load a verified checkpoint (or the checkpoint file at a path, read and verified here) into a
     freshly compiled graph (see :func:`trainstate.apply`); :class:`Refused` for another process
@@ -245,11 +255,7 @@ def restore(graph, ckpt: Checkpoint | Path) -> None:
     if not isinstance(ckpt, Checkpoint):
         ckpt = read(Path(ckpt), size_limit(graph.model))
     state, where = ckpt.state, ckpt.path
-    world = state.get("world_size", 1)
-    if world != graph.dist.world_size:
-        raise Refused(f"{where.parent.parent}: trained with {world} process{'es' if world != 1 else ''}, "
-                      f"resumed with {graph.dist.world_size}: the result would differ; resume with "
-                      + (f"--nproc {world}" if world != 1 else "one process (no --nproc)"))
+    same_world(ckpt, graph.dist.world_size)
     pinned, current = state.get("teacher"), graph.teacher_pin
     if pinned != current:
         was, now = (f"{p['run']} ({p['checkpoint']}, sha256 {p['sha256'][:12]})" if isinstance(p, dict)

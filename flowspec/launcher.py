@@ -60,6 +60,7 @@ def precheck(nproc: int, s, source, run_dir: Path | None) -> None:
     from flowspec import checkpoint
     from flowspec.checks import check_spec
     from flowspec.errors import UserError
+    from flowspec.runs import RunFolder
 
     lines = check_spec(s)
     if s.train.batch_size % nproc:
@@ -67,17 +68,10 @@ def precheck(nproc: int, s, source, run_dir: Path | None) -> None:
                      f"processes (valid: a multiple of {nproc})")
     if lines:
         raise UserError([f"{source}: {line}" for line in lines])
-    if run_dir is not None and checkpoint.stems(run_dir / "checkpoints"):
-        def same_count(ckpt) -> None:
-            world = ckpt.state.get("world_size", 1)
-            if world != nproc:
-                raise checkpoint.Refused(
-                    f"{run_dir}: trained with {world} process{'es' if world != 1 else ''}, resumed with "
-                    f"{nproc}: the result would differ; resume with "
-                    + (f"--nproc {world}" if world != 1 else "one process (no --nproc)"))
-
+    run = RunFolder(run_dir) if run_dir is not None else None
+    if run is not None and run.steps():
         try:
-            checkpoint.newest(run_dir, None, 1 << 40, checkpoint.spec_id(s), accept=same_count)
+            run.checkpoint(run.size_limit(), accept=lambda ckpt: checkpoint.same_world(ckpt, nproc))
         except checkpoint.Refused:
             raise
         except UserError:  # no good checkpoint: the ranks say so, with their warnings

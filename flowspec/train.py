@@ -246,16 +246,17 @@ def resume(run_dir: Path, spec, source: str, warn, compile=None) -> TrainingGrap
     """
     from flowspec.compile import compile_spec
 
-    RunFolder(run_dir).check_resumable(spec, source)
+    run = RunFolder(run_dir)
+    run.check_resumable(spec, source)
     if not distributed.launched() or distributed.rank_from_env() == 0:
         runfolder.acquire(run_dir)  # before compiling: a live run is refused at once
     graph = (compile or compile_spec)(spec)
     main = graph.dist.is_main
     if main:
         checkpoint.remove_temporaries(run_dir)
-    if checkpoint.stems(run_dir / "checkpoints"):
-        checkpoint.newest(run_dir, warn, checkpoint.size_limit(graph.model), checkpoint.spec_id(spec),
-                          accept=lambda ckpt: checkpoint.restore(graph, ckpt))
+    if run.steps():
+        run.checkpoint(checkpoint.size_limit(graph.model), warn=warn,
+                       accept=lambda ckpt: checkpoint.restore(graph, ckpt))
     else:
         warn(f"warning: {run_dir}: no checkpoint yet; starting again from step 0")
     if graph.step_count > spec.train.steps:
