@@ -8,6 +8,10 @@ Public API::
     graph = resume(run_dir, spec, "spec.toml", warn=print)   # newest good checkpoint of a run
     results = train(graph, run_dir, resumed=True)
     x = sample(graph.sampler(), x0, steps=2)
+
+    run = RunFolder(run_dir)                 # a finished run, read: its spec, checkpoints, EMA map
+    loaded = run.flow_map("cpu")             # only the network is built; every byte verified
+    x = sample(loaded.flow_map, loaded.base_samples(10_000, seed=0), steps=2)
 """
 
 import os as _os
@@ -28,6 +32,7 @@ if _sys.argv[:1] == ["-m"] or _os.path.basename(_sys.argv[0] if _sys.argv else "
 from flowspec.compile import compile_spec
 from flowspec.engine import TrainingGraph
 from flowspec.flowmap import FlowMap
+from flowspec.runs import RunFolder
 from flowspec.spec import load_spec
 from flowspec.train import resume, train
 
@@ -39,4 +44,4 @@ def sample(flow_map: FlowMap, x0, steps: int):
     return flow_map.sample(x0, steps)
 
 
-__all__ = ["FlowMap", "TrainingGraph", "compile_spec", "load_spec", "resume", "sample", "train"]
+__all__ = ["FlowMap", "RunFolder", "TrainingGraph", "compile_spec", "load_spec", "resume", "sample", "train"]
