@@ -14,6 +14,7 @@ from flowspec.build import base_scale, build, seeded
 from flowspec.data.analytic import exact_velocity
 from flowspec.data.base import Dataset
 from flowspec.interpolants import Interpolant
+from flowspec.objectives.base import upper_triangle
 from flowspec.registry import default_registry
 from flowspec.runs import LoadedMap, RunFolder, Warn
 from flowspec.testing.flow_map_checks import CONDITIONS, flow_map_residuals
@@ -63,8 +64,7 @@ def check_run(run: RunFolder, device: str = "auto", *, step: int | None = None, 
     g = torch.Generator().manual_seed(seed)
     x0 = loaded.base_samples(n, seed)
     x1 = dataset.sample(n, g).to(x0)
-    pair = torch.rand(n, 2, generator=g, dtype=torch.float64)
-    s, t = (pair.min(1).values.to(x0), pair.max(1).values.to(x0))
+    s, t = (v.to(x0) for v in upper_triangle(n, dtype=torch.float64, generator=g))
     xs, _ = interpolant.interpolate(s, x0, x1)
     res = flow_map_residuals(loaded.flow_map, velocity, s, t, xs, strategy=spec.objective.jvp)
     return {"checkpoint": str(loaded.checkpoint), "velocity": source, "n": n,
