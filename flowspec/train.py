@@ -1,4 +1,4 @@
-"""The training loop (DESIGN.md, "train"): steps (flowspec.engine) until ``train.steps``, on a
+"""The training loop (docs/design.md, "train"): steps (flowspec.engine) until ``train.steps``, on a
 :class:`Cadence` of logging, evaluation and checkpoints, into the run folder's files
 (flowspec.runlog) and checkpoints (flowspec.checkpoint); then the final evaluation.
 

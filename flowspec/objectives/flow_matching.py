@@ -1,4 +1,4 @@
-"""Flow matching alone: L_b = E_t E |v_{t,t}(I_t) - dI_t/dt|^2 on every sample (MATH.md, "Diagonal").
+"""Flow matching alone: L_b = E_t E |v_{t,t}(I_t) - dI_t/dt|^2 on every sample (docs/math.md, "Diagonal").
 
 Trains only the diagonal v_{t,t} = b_t: the baseline a flow map is compared with (sampled by an ODE
 solver), and the teacher for distillation.
