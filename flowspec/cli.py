@@ -110,6 +110,7 @@ def run(spec: Path | None = typer.Argument(None, help="the spec file (TOML); wit
     if ctx.is_main and out_dir is not None:
         refuse_existing(out_dir, force)  # before compiling: a folder that may not be used is refused at once
     graph = _compile(s, spec)
+    _threads(graph, ctx.is_main)
     made = make_run_dir(s.name, runs_dir, out_dir, force) if ctx.is_main else None
     if made is not None:
         err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {made}", soft_wrap=True)
@@ -125,7 +126,15 @@ def run(spec: Path | None = typer.Argument(None, help="the spec file (TOML); wit
     finally:
         runfolder.release(run_dir)
     if ctx.is_main:
-        out.print(str(run_dir))
+        out.print(str(run_dir), soft_wrap=True, markup=False, highlight=False)  # one line: a path to pipe
+
+
+def _threads(graph, main: bool) -> None:
+    """A CPU run's thread count for this machine, and rank 0's warning when the CPU is oversubscribed."""
+    if graph.device.type == "cpu":
+        from flowspec import threads
+
+        threads.configure(warn if main else None)
 
 
 def _join(s):
@@ -156,6 +165,7 @@ def run_resumed(run_dir: Path, spec: Path | None, overrides: list[str] | None) -
     ctx = _join(s)
     try:
         graph = resume(run_dir, s, name, warn, compile=lambda spec: _compile(spec, source))
+        _threads(graph, ctx.is_main)
         if ctx.is_main:
             err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir} (resumed at step {graph.step_count})",
                       soft_wrap=True)
@@ -163,7 +173,7 @@ def run_resumed(run_dir: Path, spec: Path | None, overrides: list[str] | None) -
     finally:
         runfolder.release(run_dir)
     if ctx.is_main:
-        out.print(str(run_dir))
+        out.print(str(run_dir), soft_wrap=True, markup=False, highlight=False)  # one line: a path to pipe
 
 
 @app.command()
