@@ -41,14 +41,14 @@ def available_cores() -> int:
 
 def choose(current: int, cores: int, load: float | None, env: Mapping[str, str]) -> tuple[int, str | None]:
     """(threads, a warning or None): ``current`` (torch's count) capped at ``cores`` unless the
-    environment chose it; a warning when the 1-minute load average exceeds the cores."""
+    environment chose it; a warning when the 1-minute load average exceeds the cores and the run
+    would use several threads (the case that runs several times slower, and has a remedy)."""
     threads = current if any(env.get(k) for k in CHOSEN) else max(1, min(current, cores))
     warning = None
-    if load is not None and load > cores:
+    if load is not None and load > cores and threads > 1:
         warning = (f"warning: the CPU is oversubscribed (load average {load:.1f} on {cores} "
-                   f"core{'s' if cores > 1 else ''}): training with {threads} thread{'s' if threads > 1 else ''} "
-                   "will be slower than on an idle machine"
-                   + ("; OMP_NUM_THREADS=1 often runs faster on a shared CPU" if threads > 1 else ""))
+                   f"core{'s' if cores > 1 else ''}): training with {threads} threads can run several times "
+                   "slower than with one; OMP_NUM_THREADS=1 often runs faster on a shared CPU")
     return threads, warning
 
 
