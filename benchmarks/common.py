@@ -31,7 +31,8 @@ METHOD_SPECS = {
     "psd-m": "checkerboard-psd-m.toml",
     "esd-none": "checkerboard-esd.toml",
 }
-#: variants of a spec: ESD with the gradient through the whole residual, one augmented jvp (MATH.md's 1 + C)
+#: variants of a spec: ESD with the gradient through the whole residual, one augmented jvp
+#: (the 1 + C of docs/math.md, "Cost model")
 METHOD_OVERRIDES = {"esd-none": ['objective.stop_gradient="none"']}
 METHOD_LABELS = {"fm": "FM", "lsd": "LSD", "esd": "ESD", "psd-u": "PSD-U", "psd-m": "PSD-M",
                  "esd-none": "ESD, stop_gradient none"}

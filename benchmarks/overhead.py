@@ -1,8 +1,8 @@
 """Overhead: the LSD training step flowspec compiles from specs/checkerboard-lsd.toml against the same
 step written by hand in plain PyTorch (this file), timed interleaved in one process.
 
-The hand-written loop is an independent implementation of MATH.md's LSD step: its own checkerboard
-sampler, Gaussian base with the data std, linear interpolant, 4 x 512 GELU MLP on [x, emb(s),
+The hand-written loop is an independent implementation of the LSD step (docs/math.md, "Lagrangian"):
+its own checkerboard sampler, Gaussian base with the data std, linear interpolant, 4 x 512 GELU MLP on [x, emb(s),
 emb(t - s)] with sinusoidal embeddings, eta = 0.75 time sampling, the Lagrangian residual through
 forward-mode dual tensors with each linear layer's tangent as one product u W^T (what flowspec's jvp
 does; PyTorch's generic rule spends a second product on the weight's zero tangent), RAdam,
@@ -83,7 +83,7 @@ class HandMLP(nn.Module):
 
 
 def checkerboard(n: int, g: torch.Generator) -> torch.Tensor:
-    """Uniform on the 8 dark cells of the 4 x 4 board on [-4, 4]^2 (MATH.md)."""
+    """Uniform on the 8 dark cells of the 4 x 4 board on [-4, 4]^2 (docs/math.md, "The checkerboard")."""
     u = torch.rand(n, 3, generator=g)
     a = 4 * u[:, 0] - 2
     b = u[:, 1] - 2 * (u[:, 2] < 0.5).float() + torch.floor(a).remainder(2)

@@ -1,5 +1,5 @@
-"""Quality: the paper's checkerboard protocol (MATH.md) for LSD, ESD, PSD-U, PSD-M and a flow-matching
-baseline trained on the same budget, over several seeds.
+"""Quality: the paper's checkerboard protocol (docs/math.md, "Table 1: checkerboard") for LSD, ESD,
+PSD-U, PSD-M and a flow-matching baseline trained on the same budget, over several seeds.
 
 Each run is ``flowspec run specs/checkerboard-<method>.toml`` with the overrides printed in the JSON
 (the paper's 4 x 512 GELU MLP, RAdam 1e-3, clip 10, EMA 0.999 for every method, the budget below),

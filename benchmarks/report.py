@@ -2,7 +2,7 @@
 
 CPU results (benchmarks/results/cpu/*.json) and GPU results (benchmarks/results/gpu/*.json) are kept
 in separate sections; a section appears only when its folder holds results. Nothing here is typed by
-hand except the paper's Table 1 (MATH.md), shown beside our numbers.
+hand except the paper's Table 1 (docs/math.md, "Table 1: checkerboard"), shown beside our numbers.
 
     python -m benchmarks.report
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 from benchmarks.common import METHOD_LABELS, RESULTS, ROOT
 
-#: MATH.md, "What the paper reports" (Table 1, v2): checkerboard KL at 1, 2, 4, 8, 16 steps
+#: docs/math.md, "Table 1: checkerboard" (Table 1 of the paper, v2): checkerboard KL at 1, 2, 4, 8, 16 steps
 PAPER_TABLE1 = {"lsd": [.0864, .0765, .0708, .0699, .0710], "esd": [.0983, .0921, .0834, .0816, .0751],
                 "psd-m": [.1456, .0891, .0812, .0717, .0689], "psd-u": [.1113, .1067, .0747, .0727, .0679]}
 PAPER_BUDGET = "150k steps at batch 100k, 64k evaluation samples"
@@ -60,8 +60,9 @@ def step_cost_section(name: str, r: dict) -> list[str]:
     lines += [f"{c['reps']} interleaved rounds of {c['inner']} steps per method (after {c['warmup']} warm-up "
               "steps); ratio = median over rounds of (method / flow matching) in the same round, with the "
               "interquartile range. \"step\" is `flowspec.engine.step(graph)` (batch, loss, backward, clip, RAdam, "
-              "EMA); \"loss + backward\" leaves out clip, optimizer and EMA. Cost model: MATH.md's "
-              f"(1 - eta) c_D + eta, with C = 1.5 and with C measured here = {cm['median']:.2f} "
+              "EMA); \"loss + backward\" leaves out clip, optimizer and EMA. "
+              "Cost model (docs/math.md, \"Cost model\"): (1 - eta) c_D + eta, with C = 1.5 and with C "
+              f"measured here = {cm['median']:.2f} "
               f"[{cm['p25']:.2f}, {cm['p75']:.2f}] (a jvp in t over a forward of X, no gradients). FLOP ratio: the "
               "floating-point operations of the matrix products in one loss + backward, counted by "
               "`torch.utils.flop_counter`, over flow matching's; where products dominate the time (large "
@@ -94,7 +95,8 @@ def step_cost_section(name: str, r: dict) -> list[str]:
                      "the time.")
             if "2C" in v["cost_formula"]:
                 note += (" With stop_gradient = \"full\" the advective term is a second, gradient-free jvp, while "
-                         "the target assumes MATH.md's 1 + C (one augmented jvp, which is stop_gradient = \"none\").")
+                         "the target assumes the 1 + C of docs/math.md, \"Cost model\" (one augmented jvp, which is "
+                         "stop_gradient = \"none\").")
                 single = res["methods"].get("esd-none")
                 if single is not None:
                     note += (f" That form measures {single['ratio']['median']:.3f} here ("

@@ -5,8 +5,8 @@ batch, optimizer, clipping and EMA, and timed through ``flowspec.engine.step(gra
 loss, backward, clip, optimizer, EMA: what ``flowspec run`` executes). The methods run interleaved in
 one process (rounds of ``--inner`` steps each, order rotated every round); the reported ratio is the
 median over rounds of (method ms / flow-matching ms) in the same round, with its interquartile range.
-Beside it, MATH.md's cost model (1 - eta) c_D + eta with C = 1.5 and with C measured here (a jvp's
-time over a forward's on the same network and batch).
+Beside it, the cost model of docs/math.md, "Cost model": (1 - eta) c_D + eta with C = 1.5 and with
+C measured here (a jvp's time over a forward's on the same network and batch).
 
     python -m benchmarks.step_cost                       # CPU default: batch 1024
     python -m benchmarks.step_cost --batch 4096 --device cuda --reps 30 --inner 20   # the paper's target

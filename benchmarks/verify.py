@@ -1,8 +1,8 @@
 """Independent check of the quality benchmark: recompute the checkerboard KL from the saved samples
 with numpy alone (no flowspec, no torch) and compare with the numbers in quality.json.
 
-The exact cell masses are computed here from MATH.md's description of the board (uniform on the 8
-squares of side 2 with floor(x / 2) + floor(y / 2) even, on [-4, 4]^2, density 1/32): the mass of a
+The exact cell masses are computed here from the board of docs/math.md, "The checkerboard" (uniform
+on the 8 squares of side 2 with floor(x / 2) + floor(y / 2) even, on [-4, 4]^2, density 1/32): the mass of a
 histogram cell is its overlap area with those squares over 32. KL = sum_{P > 0} P log(P / max(Q, 1e-10)),
 Q the fraction of all samples in the cell (samples off the board are lost mass).
 

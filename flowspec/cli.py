@@ -1,4 +1,5 @@
-"""The ``flowspec`` command line: run, validate, explain, sample, check, plugins, schema."""
+"""The ``flowspec`` command line: run, validate, explain, sample, check, plugins, schema (on the app of
+:mod:`flowspec.cli_app`: --version, -h, shell completion)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,16 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
 
+from flowspec.cli_app import app
 from flowspec.errors import UserError
 from flowspec.naming import describe
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="Train flow maps (consistency models) from TOML specs.")
 out = Console()
 err = Console(stderr=True)
 
-SetOption = typer.Option(None, "--set", help="override a spec value: section.key=value (repeatable)")
+SetOption = typer.Option(None, "--set", metavar="SECTION.KEY=VALUE",
+                         help="override a spec value, read as TOML (repeatable)")
 
 
 def warn(*lines: str) -> None:
@@ -111,6 +110,7 @@ def run(spec: Path | None = typer.Argument(None, help="the spec file (TOML); wit
     if ctx.is_main and out_dir is not None:
         refuse_existing(out_dir, force)  # before compiling: a folder that may not be used is refused at once
     graph = _compile(s, spec)
+    _threads(graph, ctx.is_main)
     made = make_run_dir(s.name, runs_dir, out_dir, force) if ctx.is_main else None
     if made is not None:
         err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {made}", soft_wrap=True)
@@ -126,7 +126,15 @@ def run(spec: Path | None = typer.Argument(None, help="the spec file (TOML); wit
     finally:
         runfolder.release(run_dir)
     if ctx.is_main:
-        out.print(str(run_dir))
+        out.print(str(run_dir), soft_wrap=True, markup=False, highlight=False)  # one line: a path to pipe
+
+
+def _threads(graph, main: bool) -> None:
+    """A CPU run's thread count for this machine, and rank 0's warning when the CPU is oversubscribed."""
+    if graph.device.type == "cpu":
+        from flowspec import threads
+
+        threads.configure(warn if main else None)
 
 
 def _join(s):
@@ -157,6 +165,7 @@ def run_resumed(run_dir: Path, spec: Path | None, overrides: list[str] | None) -
     ctx = _join(s)
     try:
         graph = resume(run_dir, s, name, warn, compile=lambda spec: _compile(spec, source))
+        _threads(graph, ctx.is_main)
         if ctx.is_main:
             err.print(f"[bold]{s.name}[/]: {describe(graph)} -> {run_dir} (resumed at step {graph.step_count})",
                       soft_wrap=True)
@@ -164,7 +173,7 @@ def run_resumed(run_dir: Path, spec: Path | None, overrides: list[str] | None) -
     finally:
         runfolder.release(run_dir)
     if ctx.is_main:
-        out.print(str(run_dir))
+        out.print(str(run_dir), soft_wrap=True, markup=False, highlight=False)  # one line: a path to pipe
 
 
 @app.command()
@@ -188,36 +197,11 @@ def validate(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
 @app.command()
 def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
             set_: list[str] | None = SetOption) -> None:
-    """Describe the compiled training graph in words."""
+    """Describe the compiled training graph in words, the objective's whole formula last."""
+    from flowspec.explain import explain as describe_graph
+
     s = _load(spec, set_)
-    g = _compile(s, spec)
-    obj = g.objective
-    o = obj.options
-    formula = obj.formula
-    if not formula:  # an objective without a formula: the second paragraph of its module docstring
-        doc = (sys.modules[type(obj).__module__].__doc__ or "").strip().split("\n\n")
-        formula = doc[1] if len(doc) > 1 else ""
-    lines = [
-        f"[bold]{s.name}[/]: {obj.method_name()}",
-        f"  characterization  {obj.characterization}; target {o.target}; diagonal fraction eta = {o.diagonal_fraction}",
-        f"  data              {s.data.kind}, shape {tuple(g.dataset.shape)}",
-        f"  interpolant       {s.interpolant.kind}; base x0 ~ N(0, c^2 I), c = {s.interpolant.base_scale}"
-        + (f" = {[round(v, 4) for v in g.base.scale.flatten().tolist()]}"
-           if s.interpolant.base_scale == "data_std" else ""),
-        f"  network           {s.network.kind}: {g.parameter_count():,} parameters; X = x + (t - s) v(s, t, x)"
-        + (f", v = {g.model.scale:g} net(x / {g.model.scale:g}, s, t)" if g.model.scale != 1.0 else ""),
-        f"  device            {g.device}",
-        f"  optimizer         {s.train.optimizer}, lr {s.train.lr} ({s.train.schedule}), clip {s.train.grad_clip}, "
-        f"EMA {s.train.ema} ({s.train.ema_schedule}), {s.train.steps} steps of batch {s.train.batch_size}",
-        f"  cost per step     ((1 - eta) c_D + eta) B with c_D = {obj.cost_formula()}, C = 1.5: "
-        f"~{obj.step_cost() * s.train.batch_size:,.0f} forward passes ({obj.step_cost():.2f} x flow matching)"
-        + (f"\n                    {escape(obj.teacher_cost())} per off-diagonal sample"
-           if obj.teacher_cost() else ""),
-        f"  evaluation        K in {s.eval.steps}, {s.eval.num_samples} samples, metrics {', '.join(s.eval.metrics)}",
-    ]
-    if formula:
-        lines += ["", "  objective:", "    " + escape(formula.strip()).replace("\n", "\n    ")]
-    out.print("\n".join(lines), highlight=False, soft_wrap=True)
+    out.print(describe_graph(s, _compile(s, spec)), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -268,6 +252,8 @@ def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
 @app.command()
 def plugins() -> None:
     """List registered components with their distribution (and the error of any that fails)."""
+    from rich.table import Table
+
     from flowspec.registry import GROUPS, default_registry
 
     reg = default_registry()

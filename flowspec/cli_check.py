@@ -5,25 +5,26 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import typer
 from rich.console import Console
 
-from flowspec.build import base_scale, build, seeded
-from flowspec.data.analytic import exact_velocity
-from flowspec.data.base import Dataset
-from flowspec.interpolants import Interpolant
-from flowspec.objectives.base import upper_triangle
-from flowspec.registry import default_registry
-from flowspec.runs import LoadedMap, RunFolder, Warn
-from flowspec.testing.flow_map_checks import CONDITIONS, flow_map_residuals
+if TYPE_CHECKING:  # torch and the components load with the command, not with ``flowspec --help``
+    import torch
+
+    from flowspec.data.base import Dataset
+    from flowspec.interpolants import Interpolant
+    from flowspec.runs import LoadedMap, RunFolder, Warn
 
 
 def reference_velocity(run: RunFolder, loaded: LoadedMap, dataset: Dataset, interpolant: Interpolant
                        ) -> tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], str]:
     """(b(t, x), its name) a run's map is checked against: the dataset's exact velocity, else the
     [teacher] velocity, else the map's own diagonal v_{t,t} (then only self-consistency is measured)."""
+    from flowspec.build import base_scale
+    from flowspec.data.analytic import exact_velocity
+
     exact = exact_velocity(dataset, interpolant, base_scale(run.spec, dataset))
     if exact is not None:
         return exact.velocity, "exact"
@@ -38,6 +39,8 @@ def reference_velocity(run: RunFolder, loaded: LoadedMap, dataset: Dataset, inte
 
 def spread(values: torch.Tensor) -> dict[str, float]:
     """mean, std, median, 90th percentile and max of a (N,) tensor, as floats."""
+    import torch
+
     v = values.double().cpu()
     q = torch.quantile(v, torch.tensor([0.5, 0.9], dtype=torch.float64))
     return {"mean": float(v.mean()), "std": float(v.std()), "median": float(q[0]), "q90": float(q[1]),
@@ -55,6 +58,13 @@ def check_run(run: RunFolder, device: str = "auto", *, step: int | None = None, 
     Returns:
         {"checkpoint", "velocity", "n", "residuals": {condition: spread}, "speed": spread of |b_t(X)|}.
     """
+    import torch
+
+    from flowspec.build import build, seeded
+    from flowspec.objectives.base import upper_triangle
+    from flowspec.registry import default_registry
+    from flowspec.testing.flow_map_checks import CONDITIONS, flow_map_residuals
+
     spec, registry = run.spec, default_registry()
     loaded = run.flow_map(device, step=step, warn=warn)
     with seeded(spec.train.seed):
@@ -79,6 +89,8 @@ def check(run_dir: Path = typer.Argument(..., help="a run folder (read only)"),
           json_out: Path | None = typer.Option(None, "--json", help="also write the numbers to this file")) -> None:
     """Measure the Lagrangian, Eulerian and semigroup residuals of a run's EMA flow map against the
     exact velocity (or the teacher's, or the map's own diagonal), each as mean ± std and quantiles."""
+    from flowspec.runs import RunFolder
+
     result = check_run(RunFolder(run_dir), device, step=step, n=n, seed=seed,
                        warn=lambda line: typer.echo(line, err=True))
     labels = {"lagrangian": "Lagrangian |dX/dt - b_t(X)|", "eulerian": "Eulerian   |dX/ds + grad X b_s|",

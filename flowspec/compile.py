@@ -1,4 +1,4 @@
-"""Spec -> TrainingGraph (DESIGN.md, "Data flow"): every check of the spec, then the components built
+"""Spec -> TrainingGraph (docs/design.md, "Data flow"): every check of the spec, then the components built
 through the registry (flowspec.build), the network initialised from ``train.seed``, the optimizer,
 schedule, EMA, teacher and metrics, as plain PyTorch objects (flowspec.engine.TrainingGraph).
 

@@ -1,4 +1,4 @@
-"""One optimizer step and the state it acts on (DESIGN.md, "train"): the TrainingGraph (plain data,
+"""One optimizer step and the state it acts on (docs/design.md, "train"): the TrainingGraph (plain data,
 built by flowspec.compile), the EMA, the learning-rate schedule, the non-finite policy and the
 gradient synchronisation of a data-parallel run.
 

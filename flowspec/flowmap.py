@@ -1,4 +1,4 @@
-"""The flow map X_{s,t}(x) = x + (t - s) v_{s,t}(x) (MATH.md, "Flow map and its parameterization").
+"""The flow map X_{s,t}(x) = x + (t - s) v_{s,t}(x) (docs/math.md, "Flow map and its parameterization").
 
 The FlowMap wraps any network ``net(x, s, t) -> v`` (x of shape (B, ...), s and t of shape (B,))
 and owns the parameterization and sampling. Objectives talk to the FlowMap, never to the network.

@@ -1,4 +1,4 @@
-"""Stochastic interpolants I_t = alpha_t x0 + beta_t x1 (MATH.md, "Stochastic interpolant").
+"""Stochastic interpolants I_t = alpha_t x0 + beta_t x1 (docs/math.md, "Stochastic interpolant").
 
 t = 0 is the base (noise), t = 1 is the data: alpha_0 = 1, alpha_1 = 0, beta_0 = 0, beta_1 = 1.
 A schedule supplies alpha, beta and their time derivatives for a (B,) tensor of times; everything

@@ -1,4 +1,4 @@
-"""The one place forward-mode derivatives are taken (DESIGN.md, "Conventions").
+"""The one place forward-mode derivatives are taken (docs/design.md, "Conventions").
 
 ``jvp(f, primals, tangents)`` returns (f(primals), J_f(primals) . tangents). Two strategies:
 

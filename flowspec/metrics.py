@@ -1,4 +1,4 @@
-"""Sample-quality metrics: a model's samples against a dataset (MATH.md, "What the paper reports").
+"""Sample-quality metrics: a model's samples against a dataset (docs/math.md, "What the paper reports").
 
 A metric is called as ``metric(samples, dataset, generator) -> float`` with samples of shape
 (N, *dataset.shape), float32, on the CPU; any fresh data it needs comes from ``generator``. A metric

@@ -212,7 +212,7 @@ def time_grid_pairs(points: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
 @torch.no_grad()
 def flow_map_error(flow_map, truth: Velocity, x0: torch.Tensor, x1: torch.Tensor, interpolant,
                    points: int = 5) -> dict[str, float]:
-    """Mean squared error of a learned map against the true one (MATH.md, "Exact oracles").
+    """Mean squared error of a learned map against the true one (docs/math.md, "Exact oracles").
 
     For every pair (s, t), s < t, of a uniform grid of ``points`` times and each of the N pairs
     (x0, x1): x = I_s(x0, x1), error |X_{s,t}(x) - X^true_{s,t}(x)|^2 (summed over dimensions).

@@ -1,4 +1,4 @@
-"""Components by name, discovered through entry points (DESIGN.md, "Seams").
+"""Components by name, discovered through entry points (docs/design.md, "Seams").
 
 Groups: ``flowspec.objectives``, ``flowspec.interpolants``, ``flowspec.networks``,
 ``flowspec.datasets``, ``flowspec.metrics``. flowspec's own pyproject registers the built-ins in the

@@ -1,4 +1,4 @@
-"""Distillation targets b-hat (MATH.md, "Losses"): anything with ``velocity(t, x)``.
+"""Distillation targets b-hat (docs/math.md, "Losses"): anything with ``velocity(t, x)``.
 
 A teacher also offers a map velocity ``v(s, t, x)`` = (X_{s,t}(x) - x) / (t - s): the model's own map
 for self-distillation, and for a frozen teacher its ODE xdot = b_t(x) integrated over [s, t]

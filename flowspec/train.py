@@ -1,4 +1,4 @@
-"""The training loop (DESIGN.md, "train"): steps (flowspec.engine) until ``train.steps``, on a
+"""The training loop (docs/design.md, "train"): steps (flowspec.engine) until ``train.steps``, on a
 :class:`Cadence` of logging, evaluation and checkpoints, into the run folder's files
 (flowspec.runlog) and checkpoints (flowspec.checkpoint); then the final evaluation.
 
@@ -8,6 +8,7 @@ Run folder ``runs/<name>-<timestamp>/``: ``spec.toml`` (resolved), ``environment
 
 from __future__ import annotations
 
+import json
 import signal
 import threading
 import time
@@ -49,13 +50,33 @@ class Cadence:
         return bool(every) and k % every == 0 and k < self.train.steps
 
 
+#: seconds between two progress lines off a terminal
+PROGRESS_SECONDS = 30.0
+
+
+def duration(seconds: float) -> str:
+    """A duration for progress lines: "42 s", "3 min 05 s", "2 h 07 min"."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 class Reporter:
     """Progress on the console: a bar on a terminal; without one (batch jobs, CI) a plain line every
-    ``every`` seconds and at the last step. Silent on ranks other than 0."""
+    ``every`` seconds and at the last step, with the time elapsed and the time left to the last
+    step (at this process's mean speed). Silent on ranks other than 0.
 
-    def __init__(self, graph: TrainingGraph, console: Console, every: float = 30.0):
+    ``elapsed``: seconds already trained before this process (a resumed run's last logged
+    ``elapsed``), so that metrics.jsonl's ``elapsed`` counts the whole run's training time."""
+
+    def __init__(self, graph: TrainingGraph, console: Console, every: float | None = None, elapsed: float = 0.0):
         spec = graph.spec
+        every = PROGRESS_SECONDS if every is None else every
         self.name, self.steps, self.every, self.console = spec.name, spec.train.steps, every, console
+        self.offset, self.first_step = elapsed, graph.step_count
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} it/s"),
                             TimeElapsedColumn(), TimeRemainingColumn(), console=console,
@@ -69,11 +90,16 @@ class Reporter:
         self.bar.update(self.task, completed=k)
 
     def rate(self) -> tuple[float, float]:
-        """(steps per second since the last logged step, seconds since the start), and a new window."""
+        """(steps per second since the last logged step, seconds of training in all), and a new window."""
         now = time.perf_counter()
         rate = self.window_steps / (now - self.window_start)
         self.window_start, self.window_steps = now, 0
-        return rate, now - self.t0
+        return rate, self.offset + now - self.t0
+
+    def remaining(self, k: int) -> float | None:
+        """Seconds to the last step at this process's mean speed so far (None before a step is done)."""
+        done = k - self.first_step
+        return (self.steps - k) * (time.perf_counter() - self.t0) / done if done > 0 else None
 
     def logged(self, k: int, record: dict) -> None:
         loss = f"{record['loss']:.4f}" if record["loss"] is not None else "nan"
@@ -82,8 +108,11 @@ class Reporter:
         now = time.perf_counter()
         if not self.console.is_terminal and not self.console.quiet and (now - self.last_line >= self.every
                                                                          or k == self.steps):
+            left = self.remaining(k)
+            eta = f", ETA {duration(left)}" if left is not None and k < self.steps else ""
             self.console.print(f"{self.name}: step {k}/{self.steps}, loss {loss}, {rate:.1f} it/s, "
-                               f"{record['elapsed']:.0f} s", highlight=False, soft_wrap=True)
+                               f"{duration(record['elapsed'])} elapsed{eta}", highlight=False, soft_wrap=True,
+                               markup=False)
             self.last_line = now
 
     def __enter__(self) -> Reporter:
@@ -168,6 +197,37 @@ def step_record(graph: TrainingGraph, out: LossOutput, rate: float, elapsed: flo
     return record
 
 
+def logged_elapsed(run_dir: Path) -> float:
+    """The last ``elapsed`` in a run folder's metrics.jsonl (0 when none): where a resumed run's
+    clock starts."""
+    path, last = run_dir / "metrics.jsonl", 0.0
+    if path.exists():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                value = json.loads(line).get("elapsed")
+            except (ValueError, AttributeError):
+                continue
+            if isinstance(value, (int, float)):
+                last = float(value)
+    return last
+
+
+def evaluation_size(graph: TrainingGraph) -> str:
+    """One line before the final evaluation, which on a small run can outlast the training: the
+    flow-map rows (K values x samples, network passes in all), the ODE rows and the flow-map error."""
+    o, n = graph.spec.eval, graph.spec.eval.num_samples
+    ks = ", ".join(map(str, o.steps))
+    parts = [f"{len(o.steps)} K value{'s' if len(o.steps) > 1 else ''} ({ks}) x {n:,} samples "
+             f"= {sum(o.steps) * n:,} flow-map passes"]
+    if o.ode:
+        parts.append(f"{len(o.ode)} ODE row{'s' if len(o.ode) > 1 else ''} ({', '.join(x.label() for x in o.ode)}) "
+                     f"on {n:,} samples")
+    if graph.exact is not None and o.flow_map_error:
+        parts.append(f"the flow-map error ({o.flow_map_samples:,} samples per pair of a 5-point (s, t) grid, dopri5)")
+    metrics = f"; metrics {', '.join(o.metrics)}" if o.metrics else ""
+    return f"{graph.spec.name}: evaluating " + " + ".join(parts) + metrics
+
+
 def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, resumed: bool = False) -> dict:
     """Train for ``spec.train.steps`` steps, evaluate, and return the final metric by K.
 
@@ -187,8 +247,9 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
     def save() -> None:
         checkpoint.save(graph, run_dir, keep=o.keep_checkpoints)
 
+    elapsed = logged_elapsed(run_dir) if resumed and main else 0.0
     with RunLog(graph, run_dir if main else None, resumed) as log:
-        with Reporter(graph, console) as report, SignalStop() as stop:
+        with Reporter(graph, console, elapsed=elapsed) as report, SignalStop() as stop:
             while graph.step_count < o.steps:
                 out = engine.step(graph)
                 k = graph.step_count
@@ -217,6 +278,7 @@ def train(graph: TrainingGraph, run_dir: Path, console: Console | None = None, r
                     raise UserError(f"{name}: stopped at step {k} with a checkpoint; resume with: "
                                     f"flowspec run --resume {run_dir}", exit_code=128 + (stop.signum or signal.SIGTERM))
         save()
+        console.print(evaluation_size(graph), highlight=False, soft_wrap=True, markup=False)
         results = evaluate(graph, run_dir if main else None)
         if not main:
             return results

@@ -1,4 +1,4 @@
-"""Learned loss weighting (MATH.md, "Residual loss per sample"): a log-variance w_{s,t}.
+"""Learned loss weighting (docs/math.md, "Residual loss per sample"): a log-variance w_{s,t}.
 
 Each per-sample term |r|^2 becomes exp(-w_{s,t}) |r|^2 + w_{s,t}, with w a small network of (s, t)
 trained jointly with the map (its minimizer over w is log |r|^2: the loss balances itself across

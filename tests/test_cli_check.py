@@ -92,7 +92,8 @@ def test_explain_prints_the_whole_formula_and_the_teacher_cost(tiny_spec, main):
     code, out, err = main("explain", spec, "--set", "objective.target=teacher")
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[0] == "tiny: PD"  # progressive distillation (target teacher), not PSD
+    # progressive distillation (target teacher), not PSD; the name says --set changed the method
+    assert lines[0] == "tiny+pd: PD"
     cost = "  cost per step     ((1 - eta) c_D + eta) B with "
     assert cost + "c_D = 1, C = 1.5: ~64 forward passes (1.00 x flow matching)" in lines
     assert ("+ 2 adaptive dopri5 solves of the teacher's ODE (tol 1e-07; about 60-150 teacher evaluations each "

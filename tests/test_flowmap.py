@@ -1,4 +1,4 @@
-"""FlowMap parameterization (MATH.md, "Flow map and its parameterization") and the exact oracle."""
+"""FlowMap parameterization (docs/math.md, "Flow map and its parameterization") and the exact oracle."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Interpolant schedules against MATH.md: boundary values, derivatives, I_t and dI_t/dt."""
+"""Interpolant schedules against docs/math.md, "Stochastic interpolant": boundary values, derivatives,
+I_t and dI_t/dt."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 
 from flowspec.interpolants import Linear, Trig
 
-# Independent transcription of MATH.md's schedules: (alpha, beta, alphadot, betadot) as functions of t.
+# Independent transcription of the schedules of docs/math.md, "Stochastic interpolant": (alpha, beta,
+# alphadot, betadot) as functions of t.
 SCHEDULES = {
     "linear": (Linear, lambda t: 1 - t, lambda t: t, lambda t: -torch.ones_like(t), lambda t: torch.ones_like(t)),
     "trig": (Trig, lambda t: torch.cos(math.pi * t / 2), lambda t: torch.sin(math.pi * t / 2),

@@ -1,6 +1,6 @@
-"""Objectives against MATH.md ("Losses", "Sampling of (s, t)", "Exact oracles for tests").
+"""Objectives against docs/math.md ("Losses", "Sampling of (s, t)", "Exact oracles").
 
-(a) each loss and its parameter gradients against an independent transcription of MATH.md's formula
+(a) each loss and its parameter gradients against an independent transcription of the formula in docs/math.md
     (plain autograd, no flowspec.jvp), which pins the stop-gradient semantics;
 (b) every residual vanishes at the exact Gaussian flow map, with the model or the oracle as teacher;
 (c) every residual is positive, with a non-zero gradient, at a perturbed map;
@@ -43,7 +43,7 @@ def make_objectives() -> dict[str, Objective]:
 
 
 # ---------------------------------------------------------------------------------------------
-# (a) independent transcription of MATH.md
+# (a) independent transcription of docs/math.md
 # ---------------------------------------------------------------------------------------------
 B, D, N_DIAG = 6, 2, 2
 
@@ -60,7 +60,7 @@ def hand_interpolate(name, t, x0, x1):
 
 
 class Hand:
-    """MATH.md's formulas written directly on the network: X_{s,t}(x) = x + (t - s) net(x, s, t)."""
+    """The formulas of docs/math.md written directly on the network: X_{s,t}(x) = x + (t - s) net(x, s, t)."""
 
     def __init__(self, net: nn.Module):
         self.net = net

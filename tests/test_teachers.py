@@ -1,4 +1,4 @@
-"""Exact velocities, ODE baselines, ground-truth flow maps and teachers (issue 3; MATH.md "Exact oracles")."""
+"""Exact velocities, ODE baselines, ground-truth flow maps and teachers (issue 3; docs/math.md, "Exact oracles")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Exact velocities b_t(x) = E[dI_t/dt | I_t = x] of targets with a closed form (MATH.md, "Exact oracles").
+"""Exact velocities b_t(x) = E[dI_t/dt | I_t = x] of targets with a closed form (docs/math.md, "Exact oracles").
 
 With I_t = alpha_t x0 + beta_t x1, x0 ~ N(0, diag(c)^2) (c a scalar or per-dimension, shape (D,)),
 

@@ -40,7 +40,7 @@ class CheckerboardOptions(DatasetOptions):
 
 
 class Checkerboard(Dataset):
-    """The paper's checkerboard (MATH.md, end of "What the paper reports").
+    """The paper's checkerboard (docs/math.md, "The checkerboard").
 
     x1 ~ U[-2, 2), x2 = U[0, 1) - 2 Bernoulli(1/2) + (floor(x1) mod 2), then both coordinates times
     ``scale`` = a: uniform on the 8 squares [a i, a (i + 1)] x [a j, a (j + 1)], i, j in {-2, ..., 1},

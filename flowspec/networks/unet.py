@@ -1,4 +1,4 @@
-"""An EDM2-style U-Net flow-map network for images (MATH.md, "Flow map and its parameterization").
+"""An EDM2-style U-Net flow-map network for images (docs/math.md, "Flow map and its parameterization").
 
 v(x, s, t) = UNet(x, emb(s, t - s)) with x of shape (B, C, H, W), s and t of shape (B,). The FlowMap
 wraps it with the image preconditioning X_{s,t}(x) = x + (t - s) c net(x / c, s, t) (the network's

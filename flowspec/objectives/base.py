@@ -1,4 +1,4 @@
-"""The Objective base class (MATH.md, "Losses" and "Sampling of (s, t)").
+"""The Objective base class (docs/math.md, "Losses" and "Sampling of (s, t)").
 
 Every objective is flow matching on the diagonal samples plus one distillation residual r on the
 off-diagonal samples:
@@ -77,7 +77,7 @@ class Batch:
 
 @dataclass(frozen=True, eq=False)
 class OffDiagonal:
-    """The off-diagonal samples of a batch, everything a residual may use (MATH.md, "Losses").
+    """The off-diagonal samples of a batch, everything a residual may use (docs/math.md, "Losses").
 
     s, t: times, (B,) (s < t, or any order for an objective that samples both);
     x0, x1: the base and data samples, (B, ...); xs = I_s and dxs = dI_s/ds of ``interpolant``
@@ -156,7 +156,7 @@ class Objective:
     :class:`ObjectiveOptions` assigned to ``Options`` (pydantic fields: validated and documented in
     the spec reference like the built-ins'). At training time the objective is called with the flow
     map, the interpolant, the teacher and a :class:`Batch`; the base class samples (s, t), adds flow
-    matching on the diagonal and averages (MATH.md, "Sampling of (s, t)").
+    matching on the diagonal and averages (docs/math.md, "Sampling of (s, t)").
 
     Class attributes a subclass sets:
         characterization: the name a spec uses (``[objective] characterization = ...``).
@@ -166,8 +166,8 @@ class Objective:
         names: the method's name per target ("LSD" for lagrangian with target self), as the command
             line prints it; a target without one is "characterization (target)". A subclass
             inherits its parent's names: a new method sets its own.
-        cost: (forwards, jvps) per off-diagonal sample, MATH.md's cost model: c_D = forwards + jvps C,
-            C the cost of a jvp in forward passes. Counts every network pass, with or without grad.
+        cost: (forwards, jvps) per off-diagonal sample (docs/math.md, "Cost model"): c_D = forwards +
+            jvps C, C the cost of a jvp in forward passes. Counts every network pass, with or without grad.
     """
 
     Options: ClassVar[type[ObjectiveOptions]] = ObjectiveOptions
@@ -222,8 +222,8 @@ class Objective:
         return self.names.get(target, f"{self.characterization} ({target})")
 
     def step_cost(self, c: float = 1.5) -> float:
-        """A training step's cost in flow-matching steps, MATH.md's model: (1 - eta) c_D + eta with
-        c_D = forwards + jvps C per off-diagonal sample (a diagonal sample costs 1)."""
+        """A training step's cost in flow-matching steps (docs/math.md, "Cost model"): (1 - eta) c_D + eta
+        with c_D = forwards + jvps C per off-diagonal sample (a diagonal sample costs 1)."""
         forwards, jvps = self.cost
         eta = self.options.diagonal_fraction
         return (1 - eta) * (forwards + jvps * c) + eta
@@ -234,7 +234,7 @@ class Objective:
         return ""
 
     def cost_formula(self) -> str:
-        """c_D in MATH.md's notation: "3", "1 + C", "1 + 2C"."""
+        """c_D as docs/math.md, "Cost model" writes it: "3", "1 + C", "1 + 2C"."""
         forwards, jvps = self.cost
         terms = ([str(forwards)] if forwards or not jvps else []) + ([f"{jvps if jvps > 1 else ''}C"] if jvps else [])
         return " + ".join(terms)
@@ -266,7 +266,8 @@ class Objective:
 
     def __call__(self, flow_map: FlowMap, interpolant: Interpolant, teacher: Teacher,
                  batch: Batch) -> LossOutput:
-        """The batch loss of MATH.md: (sum of diagonal terms + sum of off-diagonal terms) / B."""
+        """The batch loss (docs/math.md, "Sampling of (s, t)"): (sum of diagonal terms + sum of off-diagonal
+        terms) / B."""
         x0 = batch.x0
         s, t, n_diag = self.sample_times(x0.shape[0], x0.device, x0.dtype, batch.generator)
         return self.loss_at(flow_map, interpolant, teacher, batch, s, t, n_diag)

@@ -1,6 +1,6 @@
 """Eulerian distillation (ESD with target = self, EMD with a teacher, MeanFlow with conditional).
 
-Characterization: d/ds X_{s,t}(x) + grad_x X_{s,t}(x) b_s(x) = 0. With x = I_s (MATH.md, "Losses"),
+Characterization: d/ds X_{s,t}(x) + grad_x X_{s,t}(x) b_s(x) = 0. With x = I_s (docs/math.md, "Losses"),
 
     r = d/ds X_{s,t}(I_s) + sg(grad_x X_{s,t}(I_s) b-hat_s(I_s))
 

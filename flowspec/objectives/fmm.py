@@ -1,4 +1,4 @@
-"""Flow map matching, the direct two-sided objective (arXiv 2406.07507; MATH.md, "Losses").
+"""Flow map matching, the direct two-sided objective (arXiv 2406.07507; docs/math.md, "Losses").
 
 Over (s, t) in [0, 1]^2 (both orders: the map is learned forward and backward), with x = I_s and its
 tangent dI_s/ds from the same interpolant sample (target = "conditional"):

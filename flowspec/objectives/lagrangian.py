@@ -1,4 +1,4 @@
-"""Lagrangian distillation (LSD with target = self, LMD with a teacher). MATH.md, "Losses".
+"""Lagrangian distillation (LSD with target = self, LMD with a teacher). docs/math.md, "Losses".
 
 Characterization: d/dt X_{s,t}(x) = b_t(X_{s,t}(x)). With x = I_s,
 

@@ -1,4 +1,4 @@
-"""Progressive (semigroup) distillation: PSD with target = self, PD with a teacher. MATH.md, "Losses".
+"""Progressive (semigroup) distillation: PSD with target = self, PD with a teacher. docs/math.md, "Losses".
 
 Characterization: X_{u,t}(X_{s,u}(x)) = X_{s,t}(x) for s <= u <= t. Divided by (t - s), with
 u = gamma s + (1 - gamma) t and x = I_s:

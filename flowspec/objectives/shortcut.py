@@ -1,6 +1,6 @@
 """Shortcut models (Frans et al., arXiv 2410.12557) as progressive distillation on a dyadic grid.
 
-MATH.md, "Progressive": shortcut models are the semigroup characterization with the midpoint split
+docs/math.md, "Progressive": shortcut models are the semigroup characterization with the midpoint split
 (gamma = 1/2) on a dyadic grid. Off-diagonal pairs are drawn as a step h = 2^-k, k ~ U{0, ..., levels - 1},
 a start s ~ U{0, h, 2h, ..., 1 - h} on the grid of that step, and t = s + h; with u = (s + t) / 2 and
 x = I_s,

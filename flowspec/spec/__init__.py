@@ -1,4 +1,4 @@
-"""The spec: a TOML file validated by pydantic v2 (DESIGN.md, "Data flow").
+"""The spec: a TOML file validated by pydantic v2 (docs/design.md, "Data flow").
 
 * :mod:`flowspec.spec.models`: the sections' models and the Spec model built from the registry;
 * :mod:`flowspec.spec.load`: reading, ``--set`` overrides, validation, the resolved spec written back;

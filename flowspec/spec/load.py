@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -143,13 +144,42 @@ def _legacy_network(raw: dict, path: Path) -> dict:
     return {**raw, "network": {**net, **missing}} if missing else raw
 
 
+def method_of(objective: Any, registry: Registry) -> str | None:
+    """The method an ``[objective]`` table names ("LSD", "PSD-M": the objective's ``method_name()``),
+    or None when it names none (validation then says what is wrong)."""
+    if not isinstance(objective, Mapping) or not isinstance(objective.get("characterization"), str):
+        return None
+    try:
+        cls = registry.get("objectives", objective["characterization"])
+        return cls(cls.Options(**{k: v for k, v in objective.items() if k in cls.Options.model_fields})).method_name()
+    except Exception:  # any invalid table (a plugin's options may raise anything): validation reports it
+        return None
+
+
+def run_name(name: str, before: str | None, after: str | None) -> str:
+    """The run's name when ``--set`` took the spec from method ``before`` to ``after``: ``name+after``
+    in lower case with dashes (checkerboard-lsd with --set objective.characterization=eulerian:
+    checkerboard-lsd+esd), so that the folder, the progress lines and the plots say what was trained;
+    ``name`` itself when the method is unchanged, unknown, or the result would be too long a name."""
+    if before is None or after is None or before == after:
+        return name
+    renamed = f"{name}+{re.sub(r'[^a-z0-9]+', '-', after.lower()).strip('-')}"
+    return renamed if len(renamed.encode("utf-8", "surrogatepass")) <= 100 else name
+
+
 def load_spec(path: str | Path, overrides: Sequence[str] = (), registry: Registry | None = None) -> SpecView:
-    """Read, override (``--set``) and validate a spec file. The run name defaults to the file stem."""
+    """Read, override (``--set``) and validate a spec file. The run name defaults to the file stem;
+    when the overrides change the method (and do not set the name), :func:`run_name` says so."""
     raw = _legacy_network(read_toml(path), Path(path))
     if not raw and not overrides:
         raise UserError(f"{path}: the spec is empty (it needs at least [data] and [objective])")
+    keys = [".".join(key) for key, _ in parse_overrides(overrides)]
+    method = any(k.startswith("objective.") or k == "objective" for k in keys) and "name" not in keys
+    before = method_of(raw.get("objective"), registry or default_registry()) if method else None
     data = apply_overrides(raw, overrides)
     data.setdefault("name", Path(path).stem)
+    if method and isinstance(data["name"], str):
+        data["name"] = run_name(data["name"], before, method_of(data.get("objective"), registry or default_registry()))
     teacher = data.get("teacher")
     if isinstance(teacher, dict) and isinstance(teacher.get("path"), str) and teacher["path"]:
         # a teacher run relative to the spec file's folder, stored absolute in the resolved spec

@@ -26,7 +26,7 @@ from flowspec.testing.objective_checks import check_objective, check_penalty
 # -- interpolants ------------------------------------------------------------------------------------
 
 def check_interpolant(interpolant: Interpolant, *, n: int = 201, atol: float = 1e-6) -> list[str]:
-    """Check a schedule against MATH.md's "Stochastic interpolant".
+    """Check a schedule against docs/math.md, "Stochastic interpolant".
 
     * boundary conditions alpha_0 = 1, beta_0 = 0, alpha_1 = 0, beta_1 = 1 (to 1e-12 in float64);
     * coefficients have shape (B,), keep the dtype (float32 and float64) and are finite on [0, 1];

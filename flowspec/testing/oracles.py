@@ -1,4 +1,4 @@
-"""Exact Gaussian oracle (MATH.md, "Exact oracles for tests").
+"""Exact Gaussian oracle (docs/math.md, "Exact oracles").
 
 Target x1 ~ N(mu, sigma^2 I), base x0 ~ N(0, c^2 I), any interpolant I_t = alpha_t x0 + beta_t x1:
 

@@ -1,4 +1,4 @@
-"""Hypothesis strategies for property tests of flowspec components (MATH.md's conventions).
+"""Hypothesis strategies for property tests of flowspec components (docs/math.md, "Conventions").
 
     from hypothesis import given, settings
     from flowspec.testing import check_objective, strategies as fst

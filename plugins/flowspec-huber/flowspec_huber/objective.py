@@ -1,6 +1,6 @@
 """Lagrangian distillation with a pseudo-Huber penalty on the residual (an example flowspec plugin).
 
-Residual of flowspec's Lagrangian objective (MATH.md, "Losses"), pseudo-Huber penalty (c = huber_c):
+Residual of flowspec's Lagrangian objective (docs/math.md, "Losses"), pseudo-Huber penalty (c = huber_c):
     (X, dX/dt) = jvp(t -> X_{s,t}(I_s), primal t, tangent 1)
     r = dX/dt - sg(b-hat_t(sg(X)))
     loss per off-diagonal sample = sqrt(|r|^2 + c^2) - c
