@@ -1,4 +1,4 @@
-"""The spec's models (pydantic v2): ``[train]``, ``[eval]``, ``[teacher]``, and the component sections
+"""The spec's models (pydantic v2): ``[train]``, ``[eval]``, ``[teacher]``, ``[log]``, and the component sections
 (``[data]``, ``[interpolant]``, ``[network]``, ``[objective]``), discriminated unions over the registered
 components on ``kind`` (``characterization`` for the objective). Each component's options are its own
 pydantic model, so a plugin's options are validated and documented exactly like the built-ins'. Every
@@ -15,7 +15,7 @@ import unicodedata
 from functools import cache, lru_cache
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from flowspec.data.base import DatasetOptions
 from flowspec.interpolants import InterpolantOptions
@@ -117,6 +117,38 @@ class TeacherOptions(BaseModel):
         return self
 
 
+#: the experiment trackers of ``[log] backends``, each with the module its extra installs
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "csv": None}
+
+
+class LogOptions(BaseModel):
+    """``[log]``: experiment tracking beside metrics.jsonl (flowspec.tracking). Not part of a run's
+    identity: the backends may change when a run is resumed."""
+
+    model_config = ConfigDict(extra="forbid")
+    backends: list[Literal["tensorboard", "mlflow", "wandb", "csv"]] = Field(
+        [], description='trackers, each given the resolved spec as params, every term of metrics.jsonl as '
+        'metrics at its step, and the final eval table and plots as artifacts: "tensorboard" '
+        '(RUN/tensorboard/), "mlflow" (RUN/mlruns/ unless mlflow_tracking_uri), "wandb" (RUN/wandb/, '
+        'offline unless wandb_mode), "csv" (RUN/metrics.csv and RUN/params.csv)')
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (a server, a database); default: a file store in RUN/mlruns")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment name; default: the run name")
+    wandb_project: str = Field("flowspec", description="W&B project")
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team); default: W&B's own")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description='offline: files in RUN/wandb/ (upload later with `wandb sync`); online: '
+        'to the W&B server (needs a login)')
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, backends: list[str]) -> list[str]:
+        twice = sorted({b for b in backends if backends.count(b) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed twice")
+        return backends
+
+
 def _plain_name(name: str) -> str:
     if len(name.encode("utf-8", "surrogatepass")) > 100:
         raise ValueError("must be at most 100 bytes long (it names a folder, with a timestamp added)")
@@ -167,6 +199,7 @@ class SpecView(BaseModel):
     teacher: TeacherOptions | None = None
     train: TrainOptions = Field(default_factory=TrainOptions)
     eval: EvalOptions = Field(default_factory=EvalOptions)
+    log: LogOptions = Field(default_factory=LogOptions)
 
 
 @cache
@@ -205,4 +238,5 @@ def spec_model(registry: Registry | None = None) -> type[SpecView]:
     fields["teacher"] = (TeacherOptions | None, Field(None, description="[teacher] (see below)"))
     fields["train"] = (TrainOptions, Field(default_factory=TrainOptions))
     fields["eval"] = (eval_model, Field(default_factory=eval_model))
+    fields["log"] = (LogOptions, Field(default_factory=LogOptions))
     return create_model("Spec", __base__=SpecView, **fields)
