@@ -9,9 +9,13 @@ Public API::
     results = train(graph, run_dir, resumed=True)
     x = sample(graph.sampler(), x0, steps=2)
 
-    run = RunFolder(run_dir)                 # a finished run, read: its spec, checkpoints, EMA map
-    loaded = run.flow_map("cpu")             # only the network is built; every byte verified
-    x = sample(loaded.flow_map, loaded.base_samples(10_000, seed=0), steps=2)
+    run = load_run(run_dir)                  # a trained run, read-only (docs/python-api.md)
+    x = run.sample(10_000, steps=2)          # shaped like the data; x0 from eval.seed by default
+    table = run.evaluate(steps=[1, 2, 4], metrics=["kl"])   # metric by K, as eval.json has them
+    run.spec, run.flow_map, run.checkpoints  # the resolved spec, the EMA FlowMap, (step, path) pairs
+
+    folder = RunFolder(run_dir)              # the lower-level reader: spec, checkpoints, EMA map
+    loaded = folder.flow_map("cpu")          # only the network is built; every byte verified
 """
 
 import os as _os
@@ -35,6 +39,7 @@ from flowspec.flowmap import FlowMap
 from flowspec.runs import RunFolder
 from flowspec.spec import load_spec
 from flowspec.train import resume, train
+from flowspec.trained import Run, load_run
 
 __version__ = "0.1.0"
 
@@ -44,4 +49,5 @@ def sample(flow_map: FlowMap, x0, steps: int):
     return flow_map.sample(x0, steps)
 
 
-__all__ = ["FlowMap", "RunFolder", "TrainingGraph", "compile_spec", "load_spec", "resume", "sample", "train"]
+__all__ = ["FlowMap", "Run", "RunFolder", "TrainingGraph", "compile_spec", "load_run", "load_spec", "resume", "sample",
+           "train"]
