@@ -68,15 +68,16 @@ def _box(dataset, pts: torch.Tensor, ref: torch.Tensor) -> list[tuple[float, flo
     return [(float(q[0, d] - pad[d]), float(q[1, d] + pad[d])) for d in range(2)]
 
 
-def density_plot(x: torch.Tensor, dataset, path: Path, title: str, bins: int | None = None) -> None:
+def density_plot(x: torch.Tensor, dataset, path: Path, title: str, bins: int | None = None) -> str:
     """A 2-D histogram of the samples' first two coordinates beside the exact cell probabilities of
     the data (``dataset.cell_mass``, 2-D data) or, without a closed form, the histogram of as many
     data samples; one colour scale for both, ``bins`` per axis (default: about 8 samples a cell,
-    20 to 100). Images (N, C, H, W) get a grid instead."""
+    20 to 100). Images (N, C, H, W) get a grid instead. Returns what is drawn beside the samples:
+    "exact density", "data", or "grid" (images, drawn alone)."""
     bins = bins or int(min(100, max(20, math.sqrt(x.shape[0] / 8))))
     if x.ndim == 4:
         grid_plot(x, path, title)
-        return
+        return "grid"
     pts = x.reshape(x.shape[0], -1)[:, :2].double().cpu()
     if pts.shape[1] < 2:
         pts = torch.cat([pts, torch.zeros_like(pts)], 1)
@@ -107,6 +108,7 @@ def density_plot(x: torch.Tensor, dataset, path: Path, title: str, bins: int | N
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+    return what
 
 
 def loss_plot(records: list[dict], path: Path, title: str) -> bool:
