@@ -81,7 +81,8 @@ class EvalOptions(BaseModel):
         '{fid = {weights = "pt_inception-2015-12-05-6726825d.pth"}}')
     every: int = Field(0, ge=0, description="steps between evaluations during training (0: at the end only)")
     seed: int = Field(1234, ge=0, le=2**32 - 1, description="seed of the base samples shared by every K")
-    plot: bool = Field(True, description="write samples/steps-K.png")
+    plot: bool = Field(True, description="draw samples/steps-K.png (a 2-D histogram beside the exact or the "
+                       "data's density; an image grid), loss.png and nfe.png")
     ode: list[ODEOptions] = Field(
         [], description='ODE baselines beside the flow-map rows, e.g. [{solver = "dopri5", rtol = 1e-5, '
         'atol = 1e-5}, {solver = "euler", steps = 16}] (keys: solver, steps, rtol, atol, velocity)')
