@@ -174,7 +174,8 @@ def nfe_plot(result: dict, path: Path, title: str) -> bool:
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=6)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=6)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
     _save(fig, path)

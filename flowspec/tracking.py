@@ -122,7 +122,14 @@ class MLflow(Tracker):
         self.client = client = MlflowClient(tracking_uri=uri)
         name = o.mlflow_experiment or self.spec.name
         exp = client.get_experiment_by_name(name)
-        eid = exp.experiment_id if exp is not None else client.create_experiment(name)
+        if exp is None:
+            try:
+                client.create_experiment(name)
+            except Exception:  # another run created it just now (a shared tracking server)
+                pass
+            exp = client.get_experiment_by_name(name)
+            assert exp is not None, name
+        eid = exp.experiment_id
         found = client.search_runs([eid], filter_string=f"tags.`flowspec.key` = '{self.key}'",
                                    max_results=1) if self.resumed else []
         run = found[0] if found else client.create_run(

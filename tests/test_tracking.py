@@ -172,3 +172,27 @@ def test_resume_continues_the_trackers_runs(tmp_path, main, monkeypatch):
         events = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
         events.Reload()
         assert [e.step for e in events.Scalars("loss")] == steps
+
+
+def test_trackers_are_closed_with_the_runs_status(tiny_spec, main, monkeypatch):
+    """A run that fails after it started: its MLflow run ends FAILED (KILLED for a signal), the CSV
+    table is closed with the records so far."""
+    import importlib
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(importlib.import_module("flowspec.train"), "evaluate", broken)  # (flowspec.train: the function)
+    backends = [b for b in AVAILABLE if b in ("csv", "mlflow")]
+    out = tiny_spec().parent / "run"
+    code, _, err = main("run", tiny_spec(), "--set", "log.backends=" + json.dumps(backends), "--out", out)
+    assert code == 1 and "evaluation broke" in err
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r["name"] == "loss"] == [2, 4, 6]
+    if "mlflow" in backends:
+        from mlflow.tracking import MlflowClient
+
+        monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+        client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+        (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+        assert run.info.status == "FAILED"

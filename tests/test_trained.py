@@ -108,6 +108,9 @@ def test_eval_command_adds_one_file_and_touches_no_training_record(run_dir, main
     assert main("eval", run_dir, "--steps", "1", "--metrics", "kl", "--n", 100)[0] == 0
     assert len(list((run_dir / "evals").iterdir())) == 2
     assert runfolder.foreign_entries(run_dir) == [] and runfolder.is_run_folder(run_dir)
+    (run_dir / "evals" / "notes.txt").write_text("mine")  # but not a file flowspec does not write
+    assert runfolder.foreign_entries(run_dir) == ["evals/notes.txt"]
+    (run_dir / "evals" / "notes.txt").unlink()
 
 
 @pytest.mark.parametrize("args, message", [
