@@ -32,6 +32,10 @@ from flowspec.spec import to_toml
 from flowspec.spec.models import SpecView
 from flowspec.tracked import Params, eval_markdown, record_metrics, run_key, spec_params
 
+# MLflow 3 refuses to open a file store (the default RUN/mlruns) unless this is set: set for this
+# process, so that MlflowClient(tracking_uri="RUN/mlruns") reads one beside flowspec too
+os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
 
 class Tracker:
     """One tracking backend of a run. Subclasses open their library in ``__init__`` and override
@@ -106,7 +110,7 @@ class MLflow(Tracker):
     """An MLflow run (params, metric history, artifacts) in experiment ``log.mlflow_experiment``
     (default: the run's name), tagged with the run folder; by default in a file store in RUN/mlruns
     (``mlflow ui --backend-store-uri RUN/mlruns``; MLflow 3 reads a file store with
-    MLFLOW_ALLOW_FILE_STORE=true, which flowspec sets for its own process)."""
+    MLFLOW_ALLOW_FILE_STORE=true, which importing flowspec sets unless it is set)."""
 
     name = "mlflow"
     STATUS = {"finished": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
@@ -117,8 +121,6 @@ class MLflow(Tracker):
 
         o = self.spec.log
         uri = o.mlflow_tracking_uri or (self.run_dir / "mlruns").resolve().as_uri()
-        if uri.startswith("file:") or "://" not in uri:
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 refuses file stores otherwise
         self.client = client = MlflowClient(tracking_uri=uri)
         name = o.mlflow_experiment or self.spec.name
         exp = client.get_experiment_by_name(name)
