@@ -196,3 +196,25 @@ def test_trackers_are_closed_with_the_runs_status(tiny_spec, main, monkeypatch):
         client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
         (run,) = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
         assert run.info.status == "FAILED"
+
+
+# slow (a torchrun launch of two processes, ~10 s): the default tier keeps the one-process trackers above
+@pytest.mark.slow
+def test_only_rank_0_tracks_a_data_parallel_run(tmp_path):
+    import os
+    import subprocess
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "flowspec", "run", str(tracked_spec(tmp_path, AVAILABLE)), "--nproc", "2",
+                        "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows if r["name"] == "loss"] == [2, 4, 6]  # one writer
+    if "tensorboard" in AVAILABLE:
+        assert len(list((out / "tensorboard").iterdir())) == 1  # one event file
+    if "mlflow" in AVAILABLE:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
+        assert len(client.search_runs([client.get_experiment_by_name("tiny").experiment_id])) == 1
