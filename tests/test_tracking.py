@@ -218,3 +218,15 @@ def test_only_rank_0_tracks_a_data_parallel_run(tmp_path):
 
         client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
         assert len(client.search_runs([client.get_experiment_by_name("tiny").experiment_id])) == 1
+
+
+def test_log_is_not_part_of_a_runs_identity(tiny_spec):
+    """How a run is tracked is not what it trains: checkpoints written before [log] existed, or with
+    other backends, belong to the same run."""
+    from flowspec import checkpoint
+    from flowspec.spec import load_spec
+
+    plain = load_spec(tiny_spec())
+    logged = load_spec(tiny_spec(), ['log.backends=["csv"]', 'log.wandb_project="x"'])
+    assert checkpoint.spec_id(plain) == checkpoint.spec_id(logged)
+    assert checkpoint.spec_id(plain) != checkpoint.spec_id(load_spec(tiny_spec(), ["train.lr=0.01"]))
