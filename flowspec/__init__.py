@@ -9,9 +9,13 @@ Public API::
     results = train(graph, run_dir, resumed=True)
     x = sample(graph.sampler(), x0, steps=2)
 
-    run = RunFolder(run_dir)                 # a finished run, read: its spec, checkpoints, EMA map
-    loaded = run.flow_map("cpu")             # only the network is built; every byte verified
-    x = sample(loaded.flow_map, loaded.base_samples(10_000, seed=0), steps=2)
+    run = load_run(run_dir)                  # a trained run, read-only (docs/python-api.md)
+    x = run.sample(10_000, steps=2)          # shaped like the data; x0 from eval.seed by default
+    table = run.evaluate(steps=[1, 2, 4], metrics=["kl"])   # metric by K, as eval.json has them
+    run.spec, run.flow_map, run.checkpoints  # the resolved spec, the EMA FlowMap, (step, path) pairs
+
+    folder = RunFolder(run_dir)              # the lower-level reader: spec, checkpoints, EMA map
+    loaded = folder.flow_map("cpu")          # only the network is built; every byte verified
 
 The names load on first use (PEP 562), so that ``import flowspec`` and the command line's ``--help``
 do not import torch.
@@ -34,6 +38,10 @@ if _sys.argv[:1] == ["-m"] or _os.path.basename(_sys.argv[0] if _sys.argv else "
     if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
         _signal.signal(_signal.SIGINT, _interrupted_while_loading)
 
+# MLflow 3 opens a file store (flowspec's default: RUN/mlruns) only when this is set; a user's own
+# setting is kept (flowspec.tracking, README "Tracking")
+_os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
 if TYPE_CHECKING:
     from flowspec.compile import compile_spec
     from flowspec.engine import TrainingGraph
@@ -41,11 +49,12 @@ if TYPE_CHECKING:
     from flowspec.runs import RunFolder
     from flowspec.spec import load_spec
     from flowspec.train import resume, train
+    from flowspec.trained import Run, load_run
 
 #: each public name and the module it is defined in, imported when the name is first used
 _PUBLIC = {"compile_spec": "flowspec.compile", "TrainingGraph": "flowspec.engine", "FlowMap": "flowspec.flowmap",
            "RunFolder": "flowspec.runs", "load_spec": "flowspec.spec", "resume": "flowspec.train",
-           "train": "flowspec.train"}
+           "train": "flowspec.train", "Run": "flowspec.trained", "load_run": "flowspec.trained"}
 
 
 def _installed_version() -> str:
@@ -93,4 +102,5 @@ def sample(flow_map: "FlowMap", x0, steps: int):
     return flow_map.sample(x0, steps)
 
 
-__all__ = ["FlowMap", "RunFolder", "TrainingGraph", "compile_spec", "load_spec", "resume", "sample", "train"]
+__all__ = ["FlowMap", "Run", "RunFolder", "TrainingGraph", "compile_spec", "load_run", "load_spec", "resume", "sample",
+           "train"]

@@ -34,6 +34,38 @@ def build(registry: Registry, group: str, options: BaseModel, *args: Any) -> Any
     return cls(cls.Options(**options.model_dump(include=set(cls.Options.model_fields))), *args)
 
 
+def build_metrics(spec: SpecView, registry: Registry, dataset: Dataset,
+                  names: list[str] | None = None) -> dict[str, Any]:
+    """The metrics ``names`` (default ``eval.metrics``) built with their ``eval.metric_options``, each
+    checked against the dataset (a cheap check, else a probe call on 16 of its samples).
+
+    Raises:
+        UserError: bad options (``eval.metric_options.NAME.KEY: ...``), or a metric the data cannot have.
+    """
+    from pydantic import ValidationError
+
+    from flowspec.errors import UserError
+
+    metrics: dict[str, Any] = {}
+    probe = dataset.sample(16, torch.Generator().manual_seed(0))
+    for name in spec.eval.metrics if names is None else names:
+        cls = registry.get("metrics", name)
+        try:
+            metric = cls(cls.Options(**spec.eval.metric_options.get(name, {})))
+        except ValidationError as exc:
+            e = exc.errors(include_url=False)[0]
+            key = ".".join(str(p) for p in e["loc"])
+            raise UserError(f"eval.metric_options.{name}.{key}: {e['msg']} "
+                            f"(valid keys: {', '.join(cls.Options.model_fields) or 'none'})") from None
+        try:
+            check = getattr(metric, "check", None)  # a cheap availability check, else a probe call
+            check(dataset) if check is not None else metric(probe, dataset, torch.Generator().manual_seed(0))
+        except ValueError as exc:  # MetricUnavailable
+            raise UserError(f"eval.metrics: {exc}") from None
+        metrics[name] = metric
+    return metrics
+
+
 def dataset_facts(spec: SpecView, registry: Registry) -> tuple[Any, bool]:
     """A dataset object for checks: built when cheap (toy data), else an unloaded stand-in of an
     image dataset whose ``shape`` is its class's ``known_shape`` (None: unknown until read); and

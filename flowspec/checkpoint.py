@@ -58,9 +58,11 @@ class Checkpoint:
 
 
 def spec_id(spec) -> str:
-    """The identity of the run a spec describes: SHA-256 of the resolved spec but train.steps."""
+    """The identity of the run a spec describes: SHA-256 of the resolved spec but train.steps and
+    [log] (how a run is tracked is not what it trains; runs written before [log] existed keep theirs)."""
     data = spec.model_dump(mode="json")
     data.get("train", {}).pop("steps", None)
+    data.pop("log", None)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

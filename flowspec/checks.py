@@ -22,6 +22,7 @@ from flowspec.build import build, dataset_facts
 from flowspec.errors import UserError, cut, short
 from flowspec.registry import Registry, default_registry
 from flowspec.runs import RunFolder
+from flowspec.spec.models import TRACKERS
 
 #: bytes per value of each precision's weights and data
 ITEM = {"float32": 4, "bf16": 4, "float64": 8}
@@ -175,6 +176,27 @@ def check_scale(spec, dataset, lines: list[str]) -> None:
                      f"overflow float32 beyond {MAX_SCALE:.0e} (rescale the data)")
 
 
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported (found, not imported: no library's start-up cost)."""
+    import importlib.util
+    import sys
+
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_log(spec, lines: list[str]) -> None:
+    """Each tracker of ``log.backends`` needs its library: one line naming the extra that installs it."""
+    for backend in spec.log.backends:
+        module = TRACKERS[backend]
+        if module is not None and not installed(module):
+            lines.append(f"log.backends: \"{backend}\" needs the {backend} extra: pip install 'flowspec[{backend}]'")
+
+
 def check_spec(spec, registry: Registry | None = None) -> list[str]:
     """Every mistake compiling ``spec`` would meet, one line each (``dotted.key: what is wrong``),
     found without allocating the network, the data or a teacher's weights."""
@@ -182,6 +204,7 @@ def check_spec(spec, registry: Registry | None = None) -> list[str]:
 
     registry = registry or default_registry()
     lines: list[str] = []
+    check_log(spec, lines)
     try:
         distributed.resolve_device(spec.train.device)
     except UserError as exc:

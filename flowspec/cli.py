@@ -1,5 +1,5 @@
-"""The ``flowspec`` command line: run, validate, explain, sample, check, plugins, schema (on the app of
-:mod:`flowspec.cli_app`: --version, -h, shell completion)."""
+"""The ``flowspec`` command line: run, validate, explain, sample, check, eval, plugins, schema (on the
+app of :mod:`flowspec.cli_app`: --version, -h, shell completion)."""
 
 from __future__ import annotations
 
@@ -205,51 +205,6 @@ def explain(spec: Path = typer.Argument(..., help="the spec file (TOML)"),
 
 
 @app.command()
-def sample(run_dir: Path = typer.Argument(..., help="a run folder"),
-           steps: int = typer.Option(1, "--steps", min=1, help="flow-map steps K (or fixed-grid ODE steps)"),
-           n: int = typer.Option(10_000, "--n", min=1, help="number of samples"),
-           out_file: Path = typer.Option(..., "--out", help="output .npy file: float32 (N, D)"),
-           seed: int = typer.Option(0, "--seed", help="seed of the base samples"),
-           device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-           solver: str | None = typer.Option(
-               None, "--solver", help="integrate the diagonal velocity v_{t,t} instead: "
-               "euler | midpoint | heun | rk4 (--steps K) | dopri5 (--rtol, --atol)"),
-           rtol: float = typer.Option(1e-5, "--rtol", help="dopri5 relative tolerance"),
-           atol: float = typer.Option(1e-5, "--atol", help="dopri5 absolute tolerance")) -> None:
-    """Draw samples from a run's EMA flow map (or, with --solver, from the ODE of its diagonal)."""
-
-    from flowspec.evaluate import sample as draw
-    from flowspec.runs import RunFolder
-
-    run = RunFolder(run_dir).flow_map(device, warn=warn)
-    x0, path = run.base_samples(n, seed), run.checkpoint
-    if solver is None:
-        x = draw(run.flow_map, x0, steps)
-        how = f"{steps} step{'s' if steps > 1 else ''}"
-    else:
-        from typing import get_args
-
-        from pydantic import ValidationError
-
-        from flowspec import ode
-
-        valid = get_args(ode.Solver)
-        if solver not in valid:
-            raise UserError(f"--solver: {solver!r} is not valid (valid: {', '.join(valid)})")
-        try:
-            opts = ode.ODEOptions(solver=solver, steps=steps, rtol=rtol, atol=atol)
-        except ValidationError as exc:
-            e = exc.errors()[0]
-            raise UserError(f"--{e['loc'][0]}: {e['msg'].lower()} (got {e['input']!r})") from None
-        x, nfe, seconds = ode.sample(run.flow_map.velocity, x0, opts)
-        how = f"ODE {opts.label()}, NFE {nfe}, {seconds:.2f} s"
-    from flowspec.atomic import atomic_npy
-
-    atomic_npy(out_file, x.reshape(n, -1).numpy())
-    out.print(f"{out_file}: {n} samples, {how}, from {path.name}")
-
-
-@app.command()
 def plugins() -> None:
     """List registered components with their distribution (and the error of any that fails)."""
     from rich.table import Table
@@ -284,8 +239,12 @@ def _interrupted() -> None:
 
 
 from flowspec.cli_check import check  # noqa: E402  (its own module: the command's report)
+from flowspec.cli_eval import eval_run  # noqa: E402  (its own module: metrics on demand)
+from flowspec.cli_sample import sample  # noqa: E402  (its own module: samples shaped like the data)
 
 app.command()(check)
+app.command("eval")(eval_run)
+app.command()(sample)
 
 
 def main() -> None:

@@ -8,13 +8,10 @@ under a forked RNG, so torch's global generator is as it was; it never trains an
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
-from pydantic import ValidationError
 
 from flowspec import distributed
-from flowspec.build import base_scale, build, build_flow_map, preconditioning, seeded
+from flowspec.build import base_scale, build, build_flow_map, build_metrics, preconditioning, seeded
 from flowspec.checks import check_spec
 from flowspec.data.analytic import exact_velocity
 from flowspec.data.base import Dataset
@@ -44,29 +41,6 @@ def _frozen_teacher(spec: SpecView, registry: Registry, dataset: Dataset, device
         raise UserError(f'teacher.kind: "analytic" needs a dataset with a closed-form velocity; '
                         f'{spec.data.kind} has none (valid: gaussian, gmm, eight_gaussians, checkerboard)')
     return _AnalyticPlaceholder()
-
-
-def _metrics(spec: SpecView, registry: Registry, dataset: Dataset) -> dict[str, Any]:
-    """``eval.metrics`` built with their ``metric_options``, each checked against the dataset (a
-    cheap check, else a probe call on 16 of its samples)."""
-    metrics: dict[str, Any] = {}
-    probe = dataset.sample(16, torch.Generator().manual_seed(0))
-    for name in spec.eval.metrics:
-        cls = registry.get("metrics", name)
-        try:
-            metric = cls(cls.Options(**spec.eval.metric_options.get(name, {})))
-        except ValidationError as exc:
-            e = exc.errors(include_url=False)[0]
-            key = ".".join(str(p) for p in e["loc"])
-            raise UserError(f"eval.metric_options.{name}.{key}: {e['msg']} "
-                            f"(valid keys: {', '.join(cls.Options.model_fields) or 'none'})") from None
-        try:
-            check = getattr(metric, "check", None)  # a cheap availability check, else a probe call
-            check(dataset) if check is not None else metric(probe, dataset, torch.Generator().manual_seed(0))
-        except ValueError as exc:  # MetricUnavailable
-            raise UserError(f"eval.metrics: {exc}") from None
-        metrics[name] = metric
-    return metrics
 
 
 def compile_spec(spec: SpecView, registry: Registry | None = None) -> TrainingGraph:
@@ -120,7 +94,7 @@ def compile_spec(spec: SpecView, registry: Registry | None = None) -> TrainingGr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(o, k))
 
     with seeded(o.seed):  # a metric's probe may draw random numbers (the digits classifier trains)
-        metrics = _metrics(spec, registry, dataset)
+        metrics = build_metrics(spec, registry, dataset)
     for name in spec.eval.metric_options:
         if name not in spec.eval.metrics:
             raise UserError(f"eval.metric_options.{name}: {name} is not in eval.metrics "

@@ -1,4 +1,4 @@
-"""Evaluation: K-step flow-map sampling for each K in ``[eval] steps``, metrics, scatter plots;
+"""Evaluation: K-step flow-map sampling for each K in ``[eval] steps``, metrics, plots (flowspec.plots);
 ODE baselines (``[eval] ode``) and the flow-map error against the true map (analytic targets).
 
 Every row carries ``nfe`` (network evaluations per sample: K for the flow map) and ``seconds``.
@@ -12,12 +12,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from flowspec import distributed
-from flowspec.atomic import atomic_npy, atomic_write
+from flowspec.atomic import atomic_npy
 from flowspec.flowmap import FlowMap
+from flowspec.plots import density_plot
 
 
 def base_samples(graph, n: int, seed: int) -> torch.Tensor:
@@ -42,15 +42,27 @@ def true_endpoints(graph, x0: torch.Tensor) -> torch.Tensor | None:
     if graph.exact is None or not o.flow_map_error:
         return None
     if "true_endpoints" not in graph.cache:
-        from flowspec.ode import true_flow_map
-
-        xs = x0[: o.flow_map_samples].detach().cpu().double()
-        try:
-            graph.cache["true_endpoints"] = true_flow_map(graph.exact.velocity, 0.0, 1.0, xs)
-        except (AssertionError, RuntimeError, ValueError) as exc:  # e.g. "underflow in dt" on absurd data
-            _unsolvable(exc)
-            graph.cache["true_endpoints"] = None
+        graph.cache["true_endpoints"] = solve_endpoints(graph.exact.velocity, x0[: o.flow_map_samples])
     return graph.cache["true_endpoints"]
+
+
+def solve_endpoints(velocity, x0: torch.Tensor) -> torch.Tensor | None:
+    """X^true_{0,1}(x0) of a closed-form velocity on the CPU (float64, flowspec.ode.true_flow_map), or
+    None with a warning when it cannot be integrated."""
+    from flowspec.ode import true_flow_map
+
+    try:
+        return true_flow_map(velocity, 0.0, 1.0, x0.detach().cpu().double())
+    except (AssertionError, RuntimeError, ValueError) as exc:  # e.g. "underflow in dt" on absurd data
+        _unsolvable(exc)
+        return None
+
+
+def score(x: torch.Tensor, metrics: dict, dataset, seed: int) -> dict[str, float]:
+    """Each metric of samples x against the data; a metric's own draws come from a generator seeded
+    ``seed + 1`` (``seed``: eval.seed, which seeds the base samples), the same in every evaluation."""
+    return {name: float(metric(x, dataset, torch.Generator().manual_seed(seed + 1)))
+            for name, metric in metrics.items()}
 
 
 def _unsolvable(exc: BaseException) -> None:
@@ -61,7 +73,7 @@ def _unsolvable(exc: BaseException) -> None:
                      f"({type(exc).__name__}: {text[:120]}); the column is left out\n")
 
 
-def _endpoint_error(x: torch.Tensor, truth: torch.Tensor | None, row: dict) -> None:
+def endpoint_error(x: torch.Tensor, truth: torch.Tensor | None, row: dict) -> None:
     if truth is not None:
         row["flow_map_error"] = float((x[: truth.shape[0]].double() - truth).pow(2).flatten(1).sum(1).mean())
 
@@ -96,9 +108,8 @@ def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
         seconds = time.perf_counter() - start
         if x is None:
             continue
-        row = {name: float(metric(x, graph.dataset, torch.Generator().manual_seed(o.seed + 1)))
-               for name, metric in graph.metrics.items()}
-        _endpoint_error(x, truth, row)
+        row = score(x, graph.metrics, graph.dataset, o.seed)
+        endpoint_error(x, truth, row)
         row["nfe"] = k
         row["seconds"] = seconds
         results[str(k)] = row
@@ -106,7 +117,7 @@ def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
             (out_dir / "samples").mkdir(parents=True, exist_ok=True)
             atomic_npy(out_dir / "samples" / f"steps-{k}.npy", x.numpy())
             if o.plot:
-                plot(x, graph.dataset, out_dir / "samples" / f"steps-{k}.png",
+                density_plot(x, graph.dataset, out_dir / "samples" / f"steps-{k}.png",
                      f"{graph.spec.name}: {k} step{'s' if k > 1 else ''}  "
                      + "  ".join(f"{n}={v:.4g}" for n, v in row.items() if n in graph.metrics))
     return results
@@ -140,9 +151,8 @@ def evaluate_baselines(graph, out_dir: Path | None = None) -> dict:
                 rows[opts.label()] = {"error": f"{type(exc).__name__}: {exc}",
                                       "seconds": time.perf_counter() - start}
                 continue
-            row = {name: float(metric(x, graph.dataset, torch.Generator().manual_seed(o.seed + 1)))
-                   for name, metric in graph.metrics.items()}
-            _endpoint_error(x, truth, row)
+            row = score(x, graph.metrics, graph.dataset, o.seed)
+            endpoint_error(x, truth, row)
             row["nfe"] = nfe
             row["seconds"] = seconds
             rows[opts.label()] = row
@@ -162,59 +172,3 @@ def evaluate_baselines(graph, out_dir: Path | None = None) -> dict:
         except (AssertionError, RuntimeError, ValueError) as exc:
             _unsolvable(exc)
     return extras
-
-
-def plot(x: torch.Tensor, dataset, path: Path, title: str, max_points: int = 20_000) -> None:
-    """Scatter of the first two coordinates over the dataset's bounding box; for images (N, C, H, W)
-    a grid of the first 64, clipped from [-1, 1]."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    if x.ndim == 4:
-        plot_grid(x, path, title)
-        return
-
-    pts = x.reshape(x.shape[0], -1)[:max_points, :2].numpy()
-    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
-    ax.scatter(pts[:, 0], pts[:, 1], s=0.5, alpha=0.4, color="tab:blue", linewidths=0)
-    bounds = dataset.bounds()
-    if bounds is not None and len(bounds) >= 2:
-        ax.set_xlim(*bounds[0])
-        ax.set_ylim(*bounds[1])
-    ax.set_aspect("equal")
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)
-
-
-def image_grid(x: torch.Tensor, columns: int = 8) -> np.ndarray:
-    """The first columns^2 images (N, C, H, W) in [-1, 1] as one (rows H, columns W, C) array in [0, 1]."""
-    x = ((x[: columns * columns].float().clamp(-1, 1) + 1) / 2).cpu()
-    n, c, h, w = x.shape
-    rows = -(-n // columns)
-    grid = torch.ones(c, rows * (h + 1) + 1, columns * (w + 1) + 1)
-    for i in range(n):
-        r, k = divmod(i, columns)
-        grid[:, 1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + k * (w + 1): 1 + k * (w + 1) + w] = x[i]
-    return grid.permute(1, 2, 0).numpy()
-
-
-def plot_grid(x: torch.Tensor, path: Path, title: str) -> None:
-    """Save an 8 x 8 grid of images (N, C, H, W) in [-1, 1] with a title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grid = image_grid(x)
-    fig, ax = plt.subplots(figsize=(5, 5.3), dpi=100)
-    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1,
-              interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, format="png"))
-    plt.close(fig)

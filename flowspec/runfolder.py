@@ -22,11 +22,15 @@ from pathlib import Path
 from flowspec.errors import UserError
 
 LOCK = ".lock"
-#: top-level files flowspec writes in a run folder
-RUN_FILES = {"spec.toml", "environment.json", "metrics.jsonl", "eval.json", LOCK}
-#: files of flowspec's own sub-folders, by folder
+#: top-level files flowspec writes in a run folder (the plots of flowspec.plots; the csv tracker's tables)
+RUN_FILES = {"spec.toml", "environment.json", "metrics.jsonl", "eval.json", LOCK, "loss.png", "nfe.png",
+             "metrics.csv", "params.csv"}
+#: files of flowspec's own sub-folders, by folder (evals/: ``flowspec eval``'s records)
 RUN_SUBFOLDERS = {"checkpoints": re.compile(r"^(step-\d{8,}\.(safetensors|json)|latest)$"),
-                  "samples": re.compile(r"^[^/]+\.(npy|png)$")}
+                  "samples": re.compile(r"^[^/]+\.(npy|png)$"),
+                  "evals": re.compile(r"^eval-\d{8}-\d{6}(-\d+)?\.json$")}
+#: folders that a tracker of ``[log] backends`` fills with its library's own files (flowspec.tracking)
+TRACKER_FOLDERS = {"tensorboard", "mlruns", "wandb"}
 #: a temporary file of an atomic write cut short (``.NAME.RANDOM``)
 TEMPORARY = re.compile(r"^\.[^/]+\.[A-Za-z0-9_]{6,}$")
 MARKERS = ("metrics.jsonl", "checkpoints", "environment.json")
@@ -43,6 +47,8 @@ def foreign_entries(path: Path) -> list[str]:
         name = entry.name
         if entry.is_symlink():
             foreign.append(name)
+        elif name in TRACKER_FOLDERS and entry.is_dir():
+            continue
         elif name in RUN_SUBFOLDERS and entry.is_dir():
             pattern = RUN_SUBFOLDERS[name]
             foreign += [f"{name}/{e.name}" for e in sorted(entry.iterdir())

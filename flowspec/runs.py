@@ -52,6 +52,24 @@ class LoadedMap:
         return (z * self.base_scale.cpu()).to(p.device, p.dtype)
 
 
+def read_records(run_dir: Path) -> list[dict]:
+    """The records of a run folder's metrics.jsonl, in order (a partly written or unreadable line
+    skipped; no file: none)."""
+    import json
+
+    path = Path(run_dir) / "metrics.jsonl"
+    records = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                records.append(record)
+    return records
+
+
 def _diff(a: SpecView, b: SpecView, ignore: tuple[str, ...]) -> list[str]:
     def flat(data: dict, prefix: str = "") -> dict[str, object]:
         out: dict[str, object] = {}
@@ -60,7 +78,8 @@ def _diff(a: SpecView, b: SpecView, ignore: tuple[str, ...]) -> list[str]:
         return out
 
     fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
-    return sorted(k for k in set(fa) | set(fb) if k not in ignore and fa.get(k) != fb.get(k))
+    return sorted(k for k in set(fa) | set(fb)
+                  if not k.startswith(ignore) and fa.get(k) != fb.get(k))  # a key, or a section "name."
 
 
 class RunFolder:
@@ -97,7 +116,7 @@ class RunFolder:
         return checkpoint.spec_id(self.spec)
 
     def steps(self) -> list[int]:
-        """Steps of the checkpoint files present (newest last), unverified."""
+        """Steps of the checkpoint files present (newest first), unverified."""
         return [int(s[5:]) for s in checkpoint.stems(self.checkpoints)]
 
     def checkpoint(self, limit: int, step: int | None = None, warn: Warn | None = None,
@@ -156,7 +175,7 @@ class RunFolder:
     def check_resumable(self, spec: SpecView, source: str) -> None:
         """An error unless ``spec`` equals the run's spec but for train.steps; ``source`` names where
         ``spec`` came from."""
-        diff = _diff(self.spec, spec, ignore=("train.steps",))
+        diff = _diff(self.spec, spec, ignore=("train.steps", "log."))
         if diff:
             raise UserError(f"{source}: differs from the run's spec {self.spec_path} in {', '.join(diff)} "
-                            "(only train.steps may change on resume)")
+                            "(only train.steps and [log] may change on resume)")

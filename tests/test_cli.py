@@ -32,7 +32,7 @@ def test_run_writes_a_self_describing_folder(run_dir):
     names = {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*")}
     for expected in ("spec.toml", "environment.json", "metrics.jsonl", "eval.json", "checkpoints/latest",
                      "checkpoints/step-00000003.safetensors", "checkpoints/step-00000006.safetensors",
-                     "samples/steps-1.png", "samples/steps-2.npy"):
+                     "samples/steps-1.png", "samples/steps-2.npy", "loss.png", "nfe.png"):
         assert expected in names
     log = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [2, 4, 6]
@@ -56,7 +56,7 @@ def test_sample_writes_float32_from_ema(run_dir, tmp_path, main):
     code, stdout, err = main("sample", run_dir, "--steps", 2, "--n", 123, "--out", out)
     assert code == 0, err
     # (rich wraps the line at 80 columns when stdout is not a terminal)
-    assert " ".join(stdout.split()) == f"{out}: 123 samples, 2 steps, from step-00000006.safetensors"
+    assert " ".join(stdout.split()) == f"{out}: 123 samples of shape (2,), 2 steps, from step-00000006.safetensors"
     x = np.load(out)
     assert x.shape == (123, 2) and x.dtype == np.float32 and np.isfinite(x).all()
     again = tmp_path / "y.npy"

@@ -189,7 +189,7 @@ def test_nproc_resume_checks_the_spec_before_any_process_starts(tmp_path):
     (run_dir / "spec.toml").write_text((SPECS / "checkerboard-lsd.toml").read_text())
     r = _run(["run", "--resume", str(run_dir), "--set", "eval.num_samples=5", "--nproc", "2"], tmp_path)
     assert (r.returncode, r.stderr) == (2, f"--set: differs from the run's spec {run_dir / 'spec.toml'} in "
-                                           "eval.num_samples (only train.steps may change on resume)\n")
+                                           "eval.num_samples (only train.steps and [log] may change on resume)\n")
 
 
 def test_ranks_end_with_a_killed_launcher_and_another_process_count_is_refused(tmp_path, main):

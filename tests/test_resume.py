@@ -161,10 +161,10 @@ def test_resume_with_a_different_spec_names_the_keys(spec_path, reference, tmp_p
     code, _, err = main("run", other, "--resume", reference)
     assert code == 2
     assert err.strip() == (f"{other}: differs from the run's spec {reference / 'spec.toml'} in "
-                           "network.width, train.seed (only train.steps may change on resume)")
+                           "network.width, train.seed (only train.steps and [log] may change on resume)")
     code, _, err = main("run", "--resume", reference, "--set", "train.lr=0.1")
     assert code == 2 and err.strip() == (f"--set: differs from the run's spec {reference / 'spec.toml'} in "
-                                         "train.lr (only train.steps may change on resume)")
+                                         "train.lr (only train.steps and [log] may change on resume)")
 
 
 def test_resume_with_a_shorter_budget_is_refused(reference, main):

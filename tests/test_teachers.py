@@ -302,7 +302,7 @@ def test_cli_sample_with_a_solver_prints_nfe(teacher_run, tmp_path, main):
     code, stdout, err = main("sample", teacher_run, "--solver", "midpoint", "--steps", 3, "--n", 50, "--out", out)
     assert code == 0, err
     # midpoint: 2 velocity evaluations per step, 3 steps (rich wraps the line at 80 columns)
-    assert re.fullmatch(rf"{re.escape(str(out))}: 50 samples, ODE midpoint K=3, NFE 6, [0-9.]+ s, "
+    assert re.fullmatch(rf"{re.escape(str(out))}: 50 samples of shape \(2,\), ODE midpoint K=3, NFE 6, [0-9.]+ s, "
                         r"from step-00000006\.safetensors", " ".join(stdout.split())), stdout
     assert np.load(out).shape == (50, 2)
     code, _, err = main("sample", teacher_run, "--solver", "rk45", "--out", out)

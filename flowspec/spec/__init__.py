@@ -11,6 +11,7 @@ from flowspec.spec.models import (
                                   COMPONENT_SECTIONS,
                                   DEFAULT_KINDS,
                                   EvalOptions,
+                                  LogOptions,
                                   SpecView,
                                   TeacherOptions,
                                   TrainOptions,
@@ -18,6 +19,6 @@ from flowspec.spec.models import (
                                   spec_model,
 )
 
-__all__ = ["COMPONENT_SECTIONS", "DEFAULT_KINDS", "EvalOptions", "SpecView", "TeacherOptions", "TrainOptions",
-           "apply_overrides", "component_model", "load_spec", "read_toml", "spec_model", "to_toml", "tomllib",
-           "validate"]
+__all__ = ["COMPONENT_SECTIONS", "DEFAULT_KINDS", "EvalOptions", "LogOptions", "SpecView", "TeacherOptions",
+           "TrainOptions", "apply_overrides", "component_model", "load_spec", "read_toml", "spec_model", "to_toml",
+           "tomllib", "validate"]

@@ -37,7 +37,7 @@ def _valid_keys(loc: tuple, data: Mapping[str, Any], registry: Registry) -> list
             return list(component_model(registry, group, name).model_fields)
         except UserError:
             return []
-    if section in ("train", "eval") and len(loc) == 1:
+    if section in ("train", "eval", "log") and len(loc) == 1:
         return list(section_model(model, section).model_fields)
     if section == "teacher" and len(loc) == 1:
         return list(TeacherOptions.model_fields)

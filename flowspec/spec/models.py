@@ -1,4 +1,4 @@
-"""The spec's models (pydantic v2): ``[train]``, ``[eval]``, ``[teacher]``, and the component sections
+"""The spec's models (pydantic v2): ``[train]``, ``[eval]``, ``[teacher]``, ``[log]``, and the component sections
 (``[data]``, ``[interpolant]``, ``[network]``, ``[objective]``), discriminated unions over the registered
 components on ``kind`` (``characterization`` for the objective). Each component's options are its own
 pydantic model, so a plugin's options are validated and documented exactly like the built-ins'. Every
@@ -15,7 +15,7 @@ import unicodedata
 from functools import cache, lru_cache
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from flowspec.data.base import DatasetOptions
 from flowspec.interpolants import InterpolantOptions
@@ -81,7 +81,8 @@ class EvalOptions(BaseModel):
         '{fid = {weights = "pt_inception-2015-12-05-6726825d.pth"}}')
     every: int = Field(0, ge=0, description="steps between evaluations during training (0: at the end only)")
     seed: int = Field(1234, ge=0, le=2**32 - 1, description="seed of the base samples shared by every K")
-    plot: bool = Field(True, description="write samples/steps-K.png")
+    plot: bool = Field(True, description="draw samples/steps-K.png (a 2-D histogram beside the exact or the "
+                       "data's density; an image grid), loss.png and nfe.png")
     ode: list[ODEOptions] = Field(
         [], description='ODE baselines beside the flow-map rows, e.g. [{solver = "dopri5", rtol = 1e-5, '
         'atol = 1e-5}, {solver = "euler", steps = 16}] (keys: solver, steps, rtol, atol, velocity)')
@@ -115,6 +116,38 @@ class TeacherOptions(BaseModel):
         if self.kind == "analytic" and self.path:
             raise ValueError('path is only read with kind = "run"')
         return self
+
+
+#: the experiment trackers of ``[log] backends``, each with the module its extra installs
+TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb", "csv": None}
+
+
+class LogOptions(BaseModel):
+    """``[log]``: experiment tracking beside metrics.jsonl (flowspec.tracking). Not part of a run's
+    identity: the backends may change when a run is resumed."""
+
+    model_config = ConfigDict(extra="forbid")
+    backends: list[Literal["tensorboard", "mlflow", "wandb", "csv"]] = Field(
+        [], description='trackers, each given the resolved spec as params, every term of metrics.jsonl as '
+        'metrics at its step, and the final eval table and plots as artifacts: "tensorboard" '
+        '(RUN/tensorboard/), "mlflow" (RUN/mlruns/ unless mlflow_tracking_uri), "wandb" (RUN/wandb/, '
+        'offline unless wandb_mode), "csv" (RUN/metrics.csv and RUN/params.csv)')
+    mlflow_tracking_uri: str | None = Field(
+        None, description="MLflow tracking URI (a server, a database); default: a file store in RUN/mlruns")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment name; default: the run name")
+    wandb_project: str = Field("flowspec", description="W&B project")
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team); default: W&B's own")
+    wandb_mode: Literal["offline", "online"] = Field(
+        "offline", description='offline: files in RUN/wandb/ (upload later with `wandb sync`); online: '
+        'to the W&B server (needs a login)')
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, backends: list[str]) -> list[str]:
+        twice = sorted({b for b in backends if backends.count(b) > 1})
+        if twice:
+            raise ValueError(f"{', '.join(twice)} listed twice")
+        return backends
 
 
 def _plain_name(name: str) -> str:
@@ -167,6 +200,7 @@ class SpecView(BaseModel):
     teacher: TeacherOptions | None = None
     train: TrainOptions = Field(default_factory=TrainOptions)
     eval: EvalOptions = Field(default_factory=EvalOptions)
+    log: LogOptions = Field(default_factory=LogOptions)
 
 
 @cache
@@ -205,4 +239,5 @@ def spec_model(registry: Registry | None = None) -> type[SpecView]:
     fields["teacher"] = (TeacherOptions | None, Field(None, description="[teacher] (see below)"))
     fields["train"] = (TrainOptions, Field(default_factory=TrainOptions))
     fields["eval"] = (eval_model, Field(default_factory=eval_model))
+    fields["log"] = (LogOptions, Field(default_factory=LogOptions))
     return create_model("Spec", __base__=SpecView, **fields)
