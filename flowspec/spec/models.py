@@ -223,7 +223,9 @@ def _section_type(registry: Registry, group: str) -> Any:
 def spec_model(registry: Registry | None = None) -> type[SpecView]:
     """The Spec model for the components in ``registry`` (default: the process-wide one)."""
     registry = registry or default_registry()
-    fields: dict[str, Any] = {"name": (RunName, Field("run", description="run name (default: the spec file's stem)"))}
+    name = Field("run", description="run name (default: the spec file's stem; +METHOD appended when --set "
+                 "changes the method)")
+    fields: dict[str, Any] = {"name": (RunName, name)}
     for section, group in COMPONENT_SECTIONS.items():
         kind = DEFAULT_KINDS.get(section)
         typ = _section_type(registry, group)
