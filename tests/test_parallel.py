@@ -87,9 +87,9 @@ def _close(a: dict, b: dict, atol: float = 1e-12) -> float:
 
 # -- DDP ---------------------------------------------------------------------------------------------
 
-def _ddp_worker(rank: int, out: Path) -> None:
+def _ddp_worker(rank: int, out: Path, names: list[str]) -> None:
     results = {}
-    for name in OBJECTIVES:
+    for name in names:
         graph = compile_spec(validate(spec(name)))
         assert isinstance(graph.loss_module, torch.nn.parallel.DistributedDataParallel)
         for _ in range(STEPS - 1):
@@ -123,15 +123,25 @@ def _ddp_worker(rank: int, out: Path) -> None:
     save_file(results, str(out / f"rank{rank}.safetensors"))
 
 
-def test_ddp_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
-    _spawn(_ddp_worker, tmp_path)
+def _check_ddp(tmp_path: Path, names: list[str]) -> None:
+    _spawn(_ddp_worker, tmp_path, names)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # the ranks stay in lockstep
-    for name in [*OBJECTIVES, "accum"]:
+    for name in [*names, "accum"]:
         mine = {k[len(name) + 1:]: v for k, v in ranks[0].items() if k.startswith(name + ".")}
         _close(mine, _single(name if name != "accum" else "lsd"))
     moved = _close(_single("lsd"), _single("lsd", STEPS - 1), atol=float("inf"))
     assert moved > 1e-4  # a step is measurably different: the comparisons can fail
+
+
+def test_ddp_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
+    _check_ddp(tmp_path, ["lsd-learned"])
+
+
+# slow (all six objectives, ~10 s on two idle cores): the default tier keeps LSD with the learned weight above
+@pytest.mark.slow
+def test_ddp_equals_one_process_for_every_objective(tmp_path):
+    _check_ddp(tmp_path, list(OBJECTIVES))
 
 
 def test_gradient_accumulation_equals_one_pass_on_the_whole_batch():
@@ -182,11 +192,11 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
 
 # -- FSDP2 -------------------------------------------------------------------------------------------
 
-def _fsdp_worker(rank: int, out: Path) -> None:
+def _fsdp_worker(rank: int, out: Path, names: list[str]) -> None:
     from torch.distributed.tensor import DTensor
 
     results = {}
-    for name in OBJECTIVES:
+    for name in names:
         graph = compile_spec(validate(spec(name, parallel="fsdp")))
         assert any(isinstance(p, DTensor) for p in graph.model.parameters())
         for _ in range(STEPS):
@@ -195,13 +205,23 @@ def _fsdp_worker(rank: int, out: Path) -> None:
     save_file(results, str(out / f"rank{rank}.safetensors"))
 
 
-def test_fsdp2_two_ranks_equal_one_process_through_the_jvp(tmp_path):
-    _spawn(_fsdp_worker, tmp_path)
+def _check_fsdp(tmp_path: Path, names: list[str]) -> None:
+    _spawn(_fsdp_worker, tmp_path, names)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
-    for name in OBJECTIVES:
+    for name in names:
         mine = {k[len(name) + 1:]: v for k, v in ranks[0].items() if k.startswith(name + ".")}
         _close(mine, _single(name))
+
+
+def test_fsdp2_two_ranks_equal_one_process_through_the_jvp(tmp_path):
+    _check_fsdp(tmp_path, ["esd-none"])  # the jvp's tangent carries gradients to every block
+
+
+# slow (all six objectives, ~12 s on two idle cores): the default tier keeps ESD without stop-gradient above
+@pytest.mark.slow
+def test_fsdp2_equals_one_process_for_every_objective(tmp_path):
+    _check_fsdp(tmp_path, list(OBJECTIVES))
 
 
 # -- resuming with another process count ----------------------------------------------------------------
