@@ -171,3 +171,30 @@ def test_ranks_end_with_a_killed_launcher_and_another_process_count_is_refused(t
     code, _, err = main("run", "--resume", single, "--nproc", "2")
     assert (code, err.strip()) == (2, f"{single}: trained with 1 process, resumed with 2: {DRAWN}, so the "
                                       "result would differ; resume with one process (no --nproc)")
+
+
+def test_nproc_2_with_grad_accum_2_resumes_in_one_process_as_one_process_trains(tmp_path, main):
+    """Two processes of two micro-batches each, checkpointed at step 2, continued to step 4 in one
+    process: the same weights (float64, to rounding) as one process training four steps; the data
+    streams are those of one process, so nothing but the sums' order differs."""
+    spec = tmp_path / "accum.toml"
+    spec.write_text('[data]\nkind = "checkerboard"\n[network]\nkind = "mlp"\nwidth = 16\ndepth = 2\n'
+                    '[objective]\ncharacterization = "lagrangian"\n'
+                    '[train]\nsteps = 2\nbatch_size = 16\ngrad_accum = 2\ncheckpoint_every = 1\nlog_every = 1\n'
+                    'precision = "float64"\ndevice = "cpu"\nlr = 0.01\n'
+                    '[eval]\nmetrics = []\nnum_samples = 8\nsteps = [1]\nplot = false\nflow_map_error = false\n')
+    run_dir, alone = tmp_path / "run", tmp_path / "alone"
+    first = _run(["run", str(spec), "--nproc", "2", "--out", str(run_dir)], tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((run_dir / "environment.json").read_text())["world_size"] == 2
+    code, _, err = main("run", "--resume", run_dir, "--set", "train.steps=4")
+    assert code == 0, err
+    code, _, err = main("run", spec, "--out", alone, "--set", "train.steps=4")
+    assert code == 0, err
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval" not in r] == [1, 2, 3, 4]
+    resumed, reference = (load_file(str(d / "checkpoints" / "step-00000004.safetensors")) for d in (run_dir, alone))
+    weights = [k for k in reference if k.startswith(("model.", "ema."))]
+    assert weights and max(float((resumed[k] - reference[k]).abs().max()) for k in weights) < 1e-12
+    assert torch.equal(resumed["rng.data"], reference["rng.data"])  # the same samples were drawn
+    assert torch.equal(resumed["rng.train"], reference["rng.train"])
