@@ -64,9 +64,11 @@ def precheck(nproc: int, s, source, run_dir: Path | None) -> None:
     from flowspec.runs import RunFolder
 
     lines = check_spec(s)
-    if not lines:  # the device resolves
-        device = distributed.resolve_device(s.train.device)
-        lines += distributed.split_problems(s.train, nproc, distributed.backend(device.type, nproc))
+    try:
+        kind = distributed.resolve_device(s.train.device).type
+    except UserError:  # check_spec said so
+        kind = "cpu"
+    lines += distributed.split_problems(s.train, nproc, distributed.backend(kind, nproc))
     if lines:
         raise UserError([f"{source}: {line}" for line in lines])
     run = RunFolder(run_dir) if run_dir is not None else None

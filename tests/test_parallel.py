@@ -275,3 +275,22 @@ def test_resume_across_process_counts_is_exact_where_the_math_allows(tmp_path):
     with pytest.raises(checkpoint.Refused, match=r"trained with 2 processes, resumed with 1: its steps drew .* "
                                                  r"resume with --nproc 2$"):
         checkpoint.restore(psd, tmp_path / "psd-two" / "checkpoints" / "step-00000001.safetensors")
+
+
+def test_options_that_cannot_run_on_n_processes_are_one_line_before_any_starts(tmp_path, main):
+    spec = tmp_path / "s.toml"
+    spec.write_text('[data]\nkind = "checkerboard"\n[objective]\ncharacterization = "lagrangian"\n'
+                    '[train]\nbatch_size = 12\ndevice = "cpu"\n')
+    code, _, err = main("run", spec, "--set", "train.grad_accum=5")
+    assert (code, err) == (2, f"{spec}: train.grad_accum: 5 micro-batches do not split train.batch_size = 12 evenly "
+                              "(valid: a divisor of 12)\n")
+    code, _, err = main("run", spec, "--nproc", "2", "--set", "train.grad_accum=4", "--set", 'train.ddp_comm="bf16"',
+                        "--set", 'train.parallel="fsdp"', "--set", "train.compile=true")
+    assert code == 2
+    assert err.splitlines() == [
+        f"{spec}: train.batch_size: 12 samples do not split evenly over 2 processes x 4 micro-batches "
+        "(valid: a multiple of 8)",
+        f'{spec}: train.ddp_comm: "bf16" needs the NCCL backend (a GPU per process); this run uses gloo '
+        '(valid: "fp32")',
+        f'{spec}: train.compile: not with train.parallel = "fsdp" (compiled FSDP2 units are untested here; '
+        'valid: false, or parallel = "ddp")']
