@@ -78,7 +78,8 @@ def compile_spec(spec: SpecView, registry: Registry | None = None) -> TrainingGr
     o = spec.train
     ctx = distributed.current()
     device = distributed.resolve_device(o.device, ctx.local_rank)
-    problems = distributed.split_problems(o, ctx.world_size, distributed.backend(device.type))
+    problems = distributed.split_problems(o, ctx.world_size, distributed.backend(device.type),
+                                          spec.objective.diagonal_fraction)
     if problems:
         raise UserError(problems)
     with seeded(o.seed):

@@ -102,10 +102,10 @@ def backend(device_type: str, local: int | None = None) -> str:
     return "gloo"
 
 
-def split_problems(o, world_size: int, chosen: str) -> list[str]:
+def split_problems(o, world_size: int, chosen: str, eta: float = 0.0) -> list[str]:
     """What keeps ``[train]`` options ``o`` from running on ``world_size`` processes over backend
-    ``chosen``: one line each (none for one process; the batch's split into micro-batches alone is
-    a spec check, flowspec.checks)."""
+    ``chosen`` (``eta``: the objective's diagonal fraction): one line each (none for one process;
+    the batch's split into micro-batches alone is a spec check, flowspec.checks)."""
     if world_size <= 1:
         return []
     lines = []
@@ -114,6 +114,13 @@ def split_problems(o, world_size: int, chosen: str) -> list[str]:
         over = f"{world_size} processes" + (f" x {o.grad_accum} micro-batches" if o.grad_accum > 1 else "")
         lines.append(f"train.batch_size: {o.batch_size} samples do not split evenly over {over} "
                      f"(valid: a multiple of {n})")
+    diagonal = int(round(eta * o.batch_size))  # as the objective's sample_times counts them
+    if o.parallel == "fsdp" and (0 < diagonal < n or 0 < o.batch_size - diagonal < n):
+        # FSDP2 communicates per network pass: every process must make the same passes
+        lines.append(f'train.parallel: "fsdp" needs the same network passes on every process, so diagonal and '
+                     f'other samples in each of the {n} chunks: objective.diagonal_fraction = {eta:g} of '
+                     f"train.batch_size = {o.batch_size} gives {diagonal} and {o.batch_size - diagonal} "
+                     f"(valid: at least {n} of each, or none)")
     if o.ddp_comm == "bf16" and chosen != "nccl":
         lines.append(f'train.ddp_comm: "bf16" needs the NCCL backend (a GPU per process); this run uses {chosen} '
                      '(valid: "fp32")')

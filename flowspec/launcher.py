@@ -68,7 +68,7 @@ def precheck(nproc: int, s, source, run_dir: Path | None) -> None:
         kind = distributed.resolve_device(s.train.device).type
     except UserError:  # check_spec said so
         kind = "cpu"
-    lines += distributed.split_problems(s.train, nproc, distributed.backend(kind, nproc))
+    lines += distributed.split_problems(s.train, nproc, distributed.backend(kind, nproc), s.objective.diagonal_fraction)
     if lines:
         raise UserError([f"{source}: {line}" for line in lines])
     run = RunFolder(run_dir) if run_dir is not None else None

@@ -134,13 +134,24 @@ def full_parameters(flow_map: FlowMap) -> Iterator[torch.Tensor]:
         yield _full(p.detach(), own.get(name))
 
 
-def model_state(flow_map: FlowMap) -> dict[str, torch.Tensor]:
-    """``state_dict()``, whole and in the network's shapes (a collective when sharded)."""
+def _gathered(items, shape_of, keep: bool) -> dict:
+    """Each value whole (all-gathered, one at a time) and moved to the CPU when ``keep``, else
+    gathered and dropped (a rank that writes nothing keeps no whole copy)."""
+    out = {}
+    for k, v in items:
+        v = _full(v, shape_of(k))
+        if keep:
+            out[k] = v.cpu()
+    return out
+
+
+def model_state(flow_map: FlowMap, keep: bool = True) -> dict[str, torch.Tensor]:
+    """``state_dict()``, whole and in the network's shapes (when sharded: a collective, on the CPU;
+    empty unless ``keep``)."""
     state = flow_map.state_dict()
     if not sharded(flow_map):
         return state
-    own = _own(flow_map)
-    return {k: _full(v, own.get(k)) for k, v in state.items()}
+    return _gathered(state.items(), _own(flow_map).get, keep)
 
 
 def expected_state(flow_map: FlowMap) -> dict[str, torch.Tensor]:
@@ -179,16 +190,18 @@ def load_model_state(flow_map: FlowMap, state: dict[str, torch.Tensor]) -> None:
                 v.copy_(state[k])
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, flow_map: FlowMap) -> dict:
-    """``optimizer.state_dict()`` with whole tensors in the parameters' own shapes (a collective
-    when sharded; the optimizer was built on ``flow_map.parameters()``, in order)."""
+def optimizer_state(optimizer: torch.optim.Optimizer, flow_map: FlowMap, keep: bool = True) -> dict:
+    """``optimizer.state_dict()`` with whole tensors in the parameters' own shapes (when sharded: a
+    collective, on the CPU, empty unless ``keep``; the optimizer was built on
+    ``flow_map.parameters()``, in order)."""
     state = optimizer.state_dict()
     if not sharded(flow_map):
         return state
     shapes = [_own(flow_map).get(n) for n, _ in flow_map.named_parameters()]
+    slots = {i: _gathered(((k, v) for k, v in slot.items() if _per_element(k, v)), lambda _, i=i: shapes[i], keep)
+             for i, slot in state["state"].items()}
     return {"param_groups": state["param_groups"],
-            "state": {i: {k: _full(v, shapes[i]) if _per_element(k, v) else v for k, v in slots.items()}
-                      for i, slots in state["state"].items()}}
+            "state": {i: {**slot, **slots[i]} for i, slot in state["state"].items()}}
 
 
 def _per_element(key: str, value: Any) -> bool:

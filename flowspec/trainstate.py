@@ -24,8 +24,9 @@ def collect(graph) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """(tensors, state) of the graph's full training state; None on ranks other than 0 (in a
     data-parallel run every rank calls this: the local generator states and sharded tensors are
     gathered, and whether any rank's loss drew random numbers)."""
-    model = parallel.model_state(graph.model)  # collectives first, on every rank alike
-    optimizer = parallel.optimizer_state(graph.optimizer, graph.model)
+    main = graph.dist.is_main  # collectives first, on every rank alike (only rank 0 keeps whole copies)
+    model = parallel.model_state(graph.model, keep=main)
+    optimizer = parallel.optimizer_state(graph.optimizer, graph.model, keep=main)
     ranks = _rank_generators(graph)
     split_free = graph.split_free
     if graph.dist.enabled:

@@ -290,6 +290,9 @@ def test_options_that_cannot_run_on_n_processes_are_one_line_before_any_starts(t
     assert err.splitlines() == [
         f"{spec}: train.batch_size: 12 samples do not split evenly over 2 processes x 4 micro-batches "
         "(valid: a multiple of 8)",
+        f'{spec}: train.parallel: "fsdp" needs the same network passes on every process, so diagonal and other '
+        "samples in each of the 8 chunks: objective.diagonal_fraction = 0.75 of train.batch_size = 12 gives 9 and 3 "
+        "(valid: at least 8 of each, or none)",
         f'{spec}: train.ddp_comm: "bf16" needs the NCCL backend (a GPU per process); this run uses gloo '
         '(valid: "fp32")',
         f'{spec}: train.compile: not with train.parallel = "fsdp" (compiled FSDP2 units are untested here; '
