@@ -160,16 +160,20 @@ def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
 
 
 def split(batch: Batch, s: torch.Tensor, t: torch.Tensor, n_diag: int, parts: int,
-          generator: torch.Generator | None) -> list[tuple[Batch, torch.Tensor, torch.Tensor, int]]:
+          generator: torch.Generator | None, which: range | None = None
+          ) -> list[tuple[Batch, torch.Tensor, torch.Tensor, int]]:
     """A batch of n samples (the first n_diag diagonal) in ``parts`` chunks (batch, s, t, n_diag) of
-    n / parts samples: chunk c takes the c-th piece of the diagonal samples and the c-th from last
-    of the others, so each holds its share of both (to one sample) and every chunk the same count.
-    One part is the batch itself."""
+    n / parts samples, those numbered in ``which`` (default: all): chunk c takes the c-th piece of
+    the diagonal samples and the c-th from last of the others, so each holds its share of both (to
+    one sample) and every chunk the same count. One part is the batch itself."""
     if parts == 1:
         return [(Batch(batch.x0, batch.x1, generator), s, t, n_diag)]
     n = batch.x0.shape[0]
+    diagonal, other = _bounds(n_diag, parts), _bounds(n - n_diag, parts)[::-1]
     out = []
-    for (a, b), (c, d) in zip(_bounds(n_diag, parts), reversed(_bounds(n - n_diag, parts))):
+    for k in which if which is not None else range(parts):
+        (a, b), (c, d) = diagonal[k], other[k]
+
         def pick(x: torch.Tensor, a: int = a, b: int = b, c: int = c, d: int = d) -> torch.Tensor:
             return torch.cat([x[a:b], x[n_diag + c:n_diag + d]])
 
@@ -207,7 +211,7 @@ def backward(graph: TrainingGraph) -> LossOutput:
         batch = draw_batch(graph, o.batch_size)
         s, t, n_diag = graph.objective.sample_times(o.batch_size, batch.x0.device, batch.x0.dtype, graph.generator)
     marks = _marks(graph, generator) if graph.split_free else None
-    mine = split(batch, s, t, n_diag, world * n, generator)[graph.dist.rank * n:(graph.dist.rank + 1) * n]
+    mine = split(batch, s, t, n_diag, world * n, generator, range(graph.dist.rank * n, (graph.dist.rank + 1) * n))
     module = graph.loss_module
     assert module is not None
     outs = []
