@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
 from dataclasses import dataclass
 
@@ -145,6 +146,7 @@ def init(device_type: str) -> Context:
 
 def _leave() -> None:
     if dist.is_initialized():
+        gc.collect()  # DDP's reducer and FSDP's state in reference cycles end before the group they use
         dist.destroy_process_group()
 
 

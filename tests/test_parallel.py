@@ -5,6 +5,7 @@ over the ranks, FSDP2 through the jvp, and checkpoints resumed with another proc
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from pathlib import Path
@@ -62,6 +63,7 @@ def _entry(rank: int, port: int, fn, out_dir: str, *args) -> None:
     try:
         fn(rank, Path(out_dir), *args)
     finally:
+        gc.collect()  # DDP's reducer and FSDP's state end before the group (else gloo may abort at exit)
         dist.destroy_process_group()
 
 
