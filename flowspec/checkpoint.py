@@ -2,10 +2,11 @@
 
 ``checkpoints/step-N.safetensors`` holds the model, EMA and optimizer tensors and the generator
 states; its header's metadata holds the rest of the training state as JSON (``flowspec.state``:
-step, optimizer settings, schedule, EMA count, counters, process count, the run's identity and the
-teacher it was trained against) and ``flowspec.digest``: the SHA-256 of that state, of the tensor
-index (names, dtypes, shapes, offsets) and of every byte of tensor data. The file is written to a
-temporary name, fsynced and renamed: at any kill moment a checkpoint is either absent or whole.
+step, optimizer settings, schedule, EMA count, counters, process count and whether another one may
+resume it, the run's identity and the teacher it was trained against) and ``flowspec.digest``: the
+SHA-256 of that state, of the tensor index (names, dtypes, shapes, offsets) and of every byte of
+tensor data. The file is written to a temporary name, fsynced and renamed: at any kill moment a
+checkpoint is either absent or whole.
 ``latest`` names the newest one, for people and scripts; reading never trusts it.
 
 Reading goes newest first; a checkpoint that is damaged (digest mismatch, truncated, not
@@ -241,13 +242,19 @@ def pointer(ckpt_dir: Path) -> str | None:
 
 
 def same_world(ckpt: Checkpoint, world_size: int) -> None:
-    """:class:`Refused` unless ``ckpt`` was written by a run of ``world_size`` processes (resuming
-    with another count would draw other samples: the result would differ)."""
-    world = ckpt.state.get("world_size", 1)
-    if world != world_size:
-        raise Refused(f"{ckpt.path.parent.parent}: trained with {world} process{'es' if world != 1 else ''}, "
-                      f"resumed with {world_size}: the result would differ; resume with "
-                      + (f"--nproc {world}" if world != 1 else "one process (no --nproc)"))
+    """:class:`Refused` when resuming ``ckpt`` with ``world_size`` processes would not continue its
+    run: another process count than its own, unless its streams were the shared ones (every rank
+    drawing the whole batch, flowspec.distributed) and no step drew random numbers during its loss
+    (a residual's or dropout's, which depend on the batch's split)."""
+    state = ckpt.state
+    world = state.get("world_size", 1)
+    if world == world_size or (state.get("streams") == trainstate.STREAMS and state.get("split_free") is True):
+        return
+    why = ("its steps drew random numbers that depend on the split over processes (a residual's or dropout's)"
+           if state.get("streams") == trainstate.STREAMS else "it was written before streams shared by all processes")
+    raise Refused(f"{ckpt.path.parent.parent}: trained with {world} process{'es' if world != 1 else ''}, "
+                  f"resumed with {world_size}: {why}, so the result would differ; resume with "
+                  + (f"--nproc {world}" if world != 1 else "one process (no --nproc)"))
 
 
 def restore(graph, ckpt: Checkpoint | Path) -> None:

@@ -239,6 +239,10 @@ def check_spec(spec, registry: Registry | None = None) -> list[str]:
         if row.velocity == "exact" and not exact:
             lines.append(f'eval.ode: {row.label()}: velocity = "exact" needs a dataset with a '
                          f'closed-form velocity; {spec.data.kind} has none')
+    o = spec.train
+    if o.batch_size % o.grad_accum:
+        lines.append(f"train.grad_accum: {o.grad_accum} micro-batches do not split train.batch_size = {o.batch_size} "
+                     f"evenly (valid: a divisor of {o.batch_size})")
     if shape is not None:
         check_network(spec, registry, shape, lines)
         check_sizes(spec, shape, lines)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from flowspec import distributed
+from flowspec import distributed, parallel
 from flowspec.build import base_scale, build, build_flow_map, build_metrics, preconditioning, seeded
 from flowspec.checks import check_spec
 from flowspec.data.analytic import exact_velocity
@@ -52,9 +52,10 @@ def compile_spec(spec: SpecView, registry: Registry | None = None) -> TrainingGr
     o = spec.train
     ctx = distributed.current()
     device = distributed.resolve_device(o.device, ctx.local_rank)
-    if o.batch_size % ctx.world_size:
-        raise UserError(f"train.batch_size: {o.batch_size} samples do not split evenly over {ctx.world_size} "
-                        f"processes (valid: a multiple of {ctx.world_size})")
+    problems = distributed.split_problems(o, ctx.world_size, distributed.backend(device.type),
+                                          spec.objective.diagonal_fraction)
+    if problems:
+        raise UserError(problems)
     with seeded(o.seed):
         dataset: Dataset = build(registry, "datasets", spec.data)  # once: an image dataset is read from disk
     frozen = _frozen_teacher(spec, registry, dataset, device)
@@ -89,6 +90,8 @@ def compile_spec(spec: SpecView, registry: Registry | None = None) -> TrainingGr
             raise UserError(f'eval.ode: {row.label()}: velocity = "exact" needs a dataset with a '
                             f'closed-form velocity; {spec.data.kind} has none')
 
+    # DDP around the loss, or FSDP2 sharding the model in place: before the optimizer sees the parameters
+    loss_module = parallel.wrap(o, model, objective, interpolant, teacher, ctx)
     opt_cls = {"adam": torch.optim.Adam, "radam": torch.optim.RAdam}[o.optimizer]
     optimizer = opt_cls(model.parameters(), lr=o.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(o, k))
@@ -100,9 +103,13 @@ def compile_spec(spec: SpecView, registry: Registry | None = None) -> TrainingGr
             raise UserError(f"eval.metric_options.{name}: {name} is not in eval.metrics "
                             f"(valid: {', '.join(spec.eval.metrics)})")
 
+    # every rank draws the whole batch from the same streams; its own only what its loss draws
+    data_seed, batch_seed = distributed.stream_seeds(o.seed)
+    local = torch.Generator(device).manual_seed(distributed.local_seed(o.seed, ctx.rank)) if ctx.enabled else None
     return TrainingGraph(spec=spec, dataset=dataset, interpolant=interpolant, base=base,
                          model=model, ema=ema, objective=objective, teacher=teacher,
                          optimizer=optimizer, scheduler=scheduler, metrics=metrics, device=device,
                          exact=exact, frozen_teacher=frozen, dist=ctx, teacher_pin=getattr(frozen, "pin", None),
-                         data_generator=torch.Generator().manual_seed(distributed.rank_seeds(o.seed, ctx.rank)[0]),
-                         generator=torch.Generator(device).manual_seed(distributed.rank_seeds(o.seed, ctx.rank)[1]))
+                         data_generator=torch.Generator().manual_seed(data_seed),
+                         generator=torch.Generator(device).manual_seed(batch_seed),
+                         loss_module=loss_module, local_generator=local)

@@ -1,21 +1,24 @@
 """Data-parallel training over torch.distributed: ``torchrun --nproc_per_node N -m flowspec run SPEC``
 (or ``flowspec run --nproc N SPEC``), one process per device, on one machine or many.
 
-Each of the W processes (ranks) draws its own B / W samples (B = ``train.batch_size``) from
-generators seeded with the rank (rank 0 draws exactly what a single process would), computes the
-loss on them, and after the backward pass the gradients are averaged over the ranks:
+The data order and the random streams do not depend on the process count W (nor on the
+micro-batch count N = ``train.grad_accum``). Every rank draws the whole step's batch of B samples
+(``train.batch_size``) from the same two generators, seeded from ``train.seed`` as one process
+seeds them: the data stream (x1) and the batch stream (x0, then the times (s, t)). The batch is then
+cut into W N chunks of B / (W N) samples, each with an equal share (to one sample) of the diagonal
+ones (flowspec.engine.split); rank r computes chunks r N, ..., r N + N - 1, and the gradients are
+averaged over the ranks by PyTorch's engines (flowspec.parallel):
 
-    g = (1 / W) sum_r grad L_r,   L_r = (sum of the terms of rank r's samples) / (B / W),
+    g = (1 / W N) sum_chunks grad L_c,   L_c = (sum of the terms of chunk c) / (B / (W N)),
 
-which is the gradient of the loss of one step on the combined batch of B samples. Every rank then
-takes the same clipped optimizer step on the same weights (they start identical: rank 0's are
-broadcast), so the weights, the EMA and the non-finite-step decisions stay in lockstep.
-
-Why not wrap the model in ``DistributedDataParallel``: the objectives call the flow map several
-times per step and take forward-mode jvps (flowspec.jvp) on the plain module, while DDP
-expects exactly one forward through its wrapper before each backward (its reducer's bookkeeping).
-The gradients are averaged explicitly instead, in one flattened all-reduce per step, which is what
-DDP's buckets compute, without the overlap with the backward pass.
+the gradient of the loss of one step on the whole batch. Every rank takes the same clipped step on
+the same weights (made equal at the start), so the weights, the EMA and the non-finite-step
+decisions (one flag reduced over the ranks) stay in lockstep. Any W and N thus train on the same
+samples at the same times: a run resumed with another process count continues exactly where the
+math allows (the sums are reduced in another order: equal to rounding). Random numbers drawn
+during the loss itself (a residual's, such as PSD-U's split points; dropout) come from a stream of
+each rank's own (``local`` seeds) with more than one process: their values depend on the split, so
+a step that drew any makes the run's checkpoints refuse another process count (flowspec.checkpoint).
 
 Only rank 0 writes the run folder. Evaluation samples are split across the ranks and gathered on
 rank 0, which computes the metrics. The backend is NCCL when every local rank has its own GPU,
@@ -26,8 +29,8 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -48,14 +51,19 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
-#: rank r's data and training generators are seeded with seed + 1 + r * RANK_STRIDE and
-#: seed + 2 + r * RANK_STRIDE (rank 0 draws what a single process draws)
+def stream_seeds(seed: int) -> tuple[int, int]:
+    """(data seed, batch seed): the generators every rank draws the whole batch from."""
+    return seed + 1, seed + 2
+
+
+#: rank r's local stream is seeded with seed + 3 + r * RANK_STRIDE (several processes only: one
+#: process draws everything from the batch stream)
 RANK_STRIDE = 1_000_003
 
 
-def rank_seeds(seed: int, rank: int) -> tuple[int, int]:
-    """(data seed, training seed) of rank ``rank``."""
-    return seed + 1 + rank * RANK_STRIDE, seed + 2 + rank * RANK_STRIDE
+def local_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s local stream (random numbers drawn during its loss)."""
+    return seed + 3 + rank * RANK_STRIDE
 
 
 @dataclass(frozen=True)
@@ -85,12 +93,42 @@ def rank_from_env() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def backend(device_type: str) -> str:
-    """nccl when training on CUDA with a GPU per local rank; gloo otherwise."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+def backend(device_type: str, local: int | None = None) -> str:
+    """nccl when training on CUDA with a GPU per local rank (``local`` ranks on this machine, by
+    default as the launcher says); gloo otherwise."""
+    if local is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
     if device_type == "cuda" and torch.cuda.is_available() and torch.cuda.device_count() >= local:
         return "nccl"
     return "gloo"
+
+
+def split_problems(o, world_size: int, chosen: str, eta: float = 0.0) -> list[str]:
+    """What keeps ``[train]`` options ``o`` from running on ``world_size`` processes over backend
+    ``chosen`` (``eta``: the objective's diagonal fraction): one line each (none for one process;
+    the batch's split into micro-batches alone is a spec check, flowspec.checks)."""
+    if world_size <= 1:
+        return []
+    lines = []
+    n = world_size * o.grad_accum
+    if o.batch_size % n:
+        over = f"{world_size} processes" + (f" x {o.grad_accum} micro-batches" if o.grad_accum > 1 else "")
+        lines.append(f"train.batch_size: {o.batch_size} samples do not split evenly over {over} "
+                     f"(valid: a multiple of {n})")
+    diagonal = int(round(eta * o.batch_size))  # as the objective's sample_times counts them
+    if o.parallel == "fsdp" and (0 < diagonal < n or 0 < o.batch_size - diagonal < n):
+        # FSDP2 communicates per network pass: every process must make the same passes
+        lines.append(f'train.parallel: "fsdp" needs the same network passes on every process, so diagonal and '
+                     f'other samples in each of the {n} chunks: objective.diagonal_fraction = {eta:g} of '
+                     f"train.batch_size = {o.batch_size} gives {diagonal} and {o.batch_size - diagonal} "
+                     f"(valid: at least {n} of each, or none)")
+    if o.ddp_comm == "bf16" and chosen != "nccl":
+        lines.append(f'train.ddp_comm: "bf16" needs the NCCL backend (a GPU per process); this run uses {chosen} '
+                     '(valid: "fp32")')
+    if o.parallel == "fsdp" and o.compile:
+        lines.append('train.compile: not with train.parallel = "fsdp" (compiled FSDP2 units are untested here; '
+                     'valid: false, or parallel = "ddp")')
+    return lines
 
 
 def init(device_type: str) -> Context:
@@ -108,6 +146,7 @@ def init(device_type: str) -> Context:
 
 def _leave() -> None:
     if dist.is_initialized():
+        gc.collect()  # DDP's reducer and FSDP's state in reference cycles end before the group they use
         dist.destroy_process_group()
 
 
@@ -135,23 +174,12 @@ def broadcast_module(module: torch.nn.Module) -> None:
             tensor.copy_(cpu)
 
 
-def average_gradients(params: Iterable[torch.nn.Parameter], world_size: int) -> None:
-    """grad <- (1 / W) sum over ranks of grad, in one flattened all-reduce. A parameter without a
-    gradient on this rank counts as a zero gradient (every rank then holds the same gradients)."""
-    params = [p for p in params if p.requires_grad]
-    if not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    device = grads[0].device
-    comm = _comm_device(device)
-    flat = torch.cat([g.reshape(-1).to(comm) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world_size
-    offset = 0
-    for p, g in zip(params, grads):
-        n = g.numel()
-        p.grad = flat[offset: offset + n].view_as(g).to(device)
-        offset += n
+def max_flag(flag: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The maximum over the ranks of a one-element tensor (no host sync on NCCL: the caller's
+    read of the result is the one sync)."""
+    t = flag.reshape(1).to(_comm_device(device), torch.float32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
 
 
 def all_mean(values: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

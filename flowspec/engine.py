@@ -1,13 +1,16 @@
 """One optimizer step and the state it acts on (docs/design.md, "train"): the TrainingGraph (plain data,
-built by flowspec.compile), the EMA, the learning-rate schedule, the non-finite policy and the
-gradient synchronisation of a data-parallel run.
+built by flowspec.compile), the EMA, the learning-rate schedule, the non-finite policy, and the
+split of a step's batch over processes and micro-batches (flowspec.distributed: the streams;
+flowspec.parallel: DDP and FSDP2 around the loss).
 
-    batch -> objective(flow map, interpolant, teacher, batch) -> backward -> all-reduce (W > 1)
-          -> clip -> optimizer step (skipped when non-finite) -> schedule -> EMA
+    batch of B (every rank the same) -> the rank's N chunks -> loss module (DDP / FSDP2 when W > 1)
+          -> backward each (gradients averaged by the engine) -> clip -> optimizer step (skipped on
+          every rank when non-finite on any) -> schedule -> EMA
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -18,7 +21,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from flowspec import distributed
+from flowspec import distributed, parallel
 from flowspec.build import DTYPES
 from flowspec.data.base import Dataset
 from flowspec.flowmap import FlowMap
@@ -70,9 +73,11 @@ class EMA(Generic[M]):
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        """One update from ``model``'s parameters (all-gathered when FSDP shards them)."""
         self.updates += 1
         w = self.weight(self.updates)
-        for e, p in zip(self.model.parameters(), model.parameters()):
+        params = parallel.full_parameters(model) if isinstance(model, FlowMap) else model.parameters()
+        for e, p in zip(self.model.parameters(), params):
             e.lerp_(p.detach(), w)
         for mine, theirs in zip(self.model.buffers(), model.buffers()):
             mine.copy_(theirs)
@@ -110,10 +115,23 @@ class TrainingGraph:
     teacher_pin: dict | None = None
     #: values computed once per graph (the true flow map's endpoints of flowspec.evaluate)
     cache: dict[str, Any] = field(default_factory=dict)
+    #: what a step calls on each chunk (flowspec.parallel.wrap: DDP around the loss, or FSDP2
+    #: inside); None: the plain loss module of ``model``
+    loss_module: torch.nn.Module | None = None
+    #: several processes: this rank's own stream for random numbers drawn during its loss (a
+    #: residual's, dropout's); None with one process, which draws them from ``generator``
+    local_generator: torch.Generator | None = None
+    #: False once a step drew random numbers during its loss: its result then depends on how the
+    #: batch was split, and a checkpoint refuses another process count (flowspec.checkpoint)
+    split_free: bool = True
+
+    def __post_init__(self) -> None:
+        if self.loss_module is None:
+            self.loss_module = parallel.LossModule(self.model, self.objective, self.interpolant, self.teacher)
 
     @property
     def local_batch_size(self) -> int:
-        """B / W: the samples this process draws per step."""
+        """B / W: the samples this process computes per step (in ``train.grad_accum`` chunks)."""
         return self.spec.train.batch_size // self.dist.world_size
 
     def sampler(self) -> FlowMap:
@@ -132,12 +150,99 @@ def draw_batch(graph: TrainingGraph, n: int) -> Batch:
     return Batch(x0=x0, x1=x1, generator=graph.generator)
 
 
-def nonfinite_term(out: LossOutput, grad_norm: torch.Tensor) -> str | None:
-    """None when the loss and the gradient norm are finite; else the name of the first non-finite
-    logged term (e.g. ``diagonal`` or ``distill``), ``loss``, or ``gradient``.
+def _bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """[start, stop) of ``parts`` consecutive pieces of range(n), the first n % parts one longer."""
+    q, r = divmod(n, parts)
+    edges = [0]
+    for k in range(parts):
+        edges.append(edges[-1] + q + (k < r))
+    return list(zip(edges[:-1], edges[1:]))
 
-    One ``isfinite`` reduction per step (a device sync on GPU; free on the CPU)."""
-    if bool(torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm)):
+
+def split(batch: Batch, s: torch.Tensor, t: torch.Tensor, n_diag: int, parts: int,
+          generator: torch.Generator | None, which: range | None = None
+          ) -> list[tuple[Batch, torch.Tensor, torch.Tensor, int]]:
+    """A batch of n samples (the first n_diag diagonal) in ``parts`` chunks (batch, s, t, n_diag) of
+    n / parts samples, those numbered in ``which`` (default: all): chunk c takes the c-th piece of
+    the diagonal samples and the c-th from last of the others, so each holds its share of both (to
+    one sample) and every chunk the same count. One part is the batch itself."""
+    if parts == 1:
+        return [(Batch(batch.x0, batch.x1, generator), s, t, n_diag)]
+    n = batch.x0.shape[0]
+    diagonal, other = _bounds(n_diag, parts), _bounds(n - n_diag, parts)[::-1]
+    out = []
+    for k in which if which is not None else range(parts):
+        (a, b), (c, d) = diagonal[k], other[k]
+
+        def pick(x: torch.Tensor, a: int = a, b: int = b, c: int = c, d: int = d) -> torch.Tensor:
+            return torch.cat([x[a:b], x[n_diag + c:n_diag + d]])
+
+        out.append((Batch(pick(batch.x0), pick(batch.x1), generator), pick(s), pick(t), b - a))
+    return out
+
+
+def _marks(graph: TrainingGraph, generator: torch.Generator) -> list[torch.Tensor]:
+    """The states of the generators a loss may draw from: the batch's, torch's global ones."""
+    marks = [generator.get_state(), torch.default_generator.get_state()]
+    if graph.device.type == "cuda":
+        marks.append(torch.cuda.default_generators[graph.device.index or 0].get_state())
+    return marks
+
+
+def _mean(outs: list[LossOutput]) -> LossOutput:
+    """The micro-batches' losses as one: the sum of the (1 / N)-scaled losses, and each logged
+    term's mean over the micro-batches that log it (detached)."""
+    loss = sum((o.loss.detach() for o in outs), outs[0].loss.new_zeros(())) / len(outs)
+    names = dict.fromkeys(k for o in outs for k in o.logs)
+    logs = {k: torch.stack([torch.as_tensor(o.logs[k]) for o in outs if k in o.logs]).mean() for k in names}
+    logs["loss"] = loss
+    return LossOutput(loss=loss, logs=logs)
+
+
+def backward(graph: TrainingGraph) -> LossOutput:
+    """The step's batch drawn (x1, x0, then the times), this rank's chunks' losses and their
+    backward passes (the engine averages the gradients over the ranks, DDP's buckets after the last
+    chunk's); returns this rank's loss on its B / W samples."""
+    o = graph.spec.train
+    world, n = graph.dist.world_size, o.grad_accum
+    generator = graph.local_generator if graph.local_generator is not None else graph.generator
+    autocast = torch.autocast(graph.device.type, dtype=torch.bfloat16, enabled=o.precision == "bf16")
+    with autocast:
+        batch = draw_batch(graph, o.batch_size)
+        s, t, n_diag = graph.objective.sample_times(o.batch_size, batch.x0.device, batch.x0.dtype, graph.generator)
+    marks = _marks(graph, generator) if graph.split_free else None
+    mine = split(batch, s, t, n_diag, world * n, generator, range(graph.dist.rank * n, (graph.dist.rank + 1) * n))
+    module = graph.loss_module
+    assert module is not None
+    outs = []
+    for j, (chunk, cs, ct, nd) in enumerate(mine):
+        with parallel.no_sync(module) if j < n - 1 else contextlib.nullcontext():
+            with autocast:
+                out = module(chunk, cs, ct, nd)
+            loss = out.loss.float()
+            (loss / n if n > 1 else loss).backward()
+        outs.append(out)
+    if marks is not None and any(not torch.equal(a, b) for a, b in zip(marks, _marks(graph, generator))):
+        graph.split_free = False
+    return outs[0] if n == 1 else _mean(outs)
+
+
+def nonfinite_term(out: LossOutput, grad_norm: torch.Tensor, ctx: distributed.Context | None = None) -> str | None:
+    """None when the loss and the gradient norm are finite; else the name of the first non-finite
+    logged term (e.g. ``diagonal`` or ``distill``), ``loss``, or ``gradient``; with several
+    processes (``ctx``) on every rank when on any, as ``rank K`` on a rank whose own loss is finite.
+
+    One ``isfinite`` reduction per step (a device sync on GPU; free on the CPU), its flag reduced
+    over the ranks (the same sync)."""
+    finite = torch.isfinite(out.loss.detach()) & torch.isfinite(grad_norm)
+    if ctx is not None and ctx.enabled:
+        flag = distributed.max_flag((~finite).float() * (ctx.rank + 1), grad_norm.device)
+        worst = int(flag.item())
+        if worst == 0:
+            return None
+        if bool(finite):
+            return f"rank {worst - 1}"
+    elif bool(finite):
         return None
     for name, value in out.logs.items():
         if name != "loss" and not bool(torch.isfinite(torch.as_tensor(value)).all()):
@@ -146,22 +251,20 @@ def nonfinite_term(out: LossOutput, grad_norm: torch.Tensor) -> str | None:
 
 
 def step(graph: TrainingGraph) -> LossOutput:
-    """One optimizer step: loss, backward, gradient average over the ranks, clip, update, schedule, EMA.
+    """One optimizer step: loss and backward (gradients averaged over the ranks), clip, update,
+    schedule, EMA.
 
-    A non-finite loss or gradient norm skips the update and the EMA (the schedule and the step
-    counter still advance) and names the faulty term in ``graph.last_fault``."""
+    A non-finite loss or gradient norm (on any rank) skips the update and the EMA (the schedule and
+    the step counter still advance) and names the faulty term in ``graph.last_fault``."""
     o = graph.spec.train
     model = graph.model
     model.train()
     graph.optimizer.zero_grad(set_to_none=True)
-    with torch.autocast(graph.device.type, dtype=torch.bfloat16, enabled=o.precision == "bf16"):
-        out = graph.objective(model, graph.interpolant, graph.teacher, draw_batch(graph, graph.local_batch_size))
-    out.loss.float().backward()
-    if graph.dist.enabled:  # the gradient of the combined batch's loss
-        distributed.average_gradients(model.parameters(), graph.dist.world_size)
+    out = backward(graph)
     params = [p for p in model.parameters() if p.grad is not None]
-    graph.last_grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
-    graph.last_fault = nonfinite_term(out, graph.last_grad_norm)
+    norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip if o.grad_clip > 0 else float("inf"))
+    graph.last_grad_norm = parallel.replicated(norm) if parallel.sharded(model) else norm
+    graph.last_fault = nonfinite_term(out, graph.last_grad_norm, graph.dist)
     if graph.last_fault is None:
         graph.optimizer.step()
         graph.scheduler.step()

@@ -25,6 +25,8 @@ class FlowMap(nn.Module):
     """
 
     _compiled: Callable[..., torch.Tensor] | None  # set with object.__setattr__: not a submodule
+    #: set by flowspec.parallel.shard (FSDP2): the own shapes of the 0-d parameters it holds as (1,)
+    fsdp_shapes: dict[str, torch.Size] | None = None
 
     def __init__(self, net: nn.Module, scale: float = 1.0, log_weight: nn.Module | None = None):
         super().__init__()

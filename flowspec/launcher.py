@@ -56,16 +56,19 @@ def launch(nproc: int, spec, overrides, runs_dir: Path, out_dir, force: bool, re
 
 def precheck(nproc: int, s, source, run_dir: Path | None) -> None:
     """What the ranks would find wrong, found here once, with the file prefix, before any starts:
-    every spec check, the batch split, and (resuming) the process count of the run's checkpoints."""
-    from flowspec import checkpoint
+    every spec check, the batch's split and the options' fit to N processes, and (resuming) whether the run's
+    checkpoints may continue with N processes."""
+    from flowspec import checkpoint, distributed
     from flowspec.checks import check_spec
     from flowspec.errors import UserError
     from flowspec.runs import RunFolder
 
     lines = check_spec(s)
-    if s.train.batch_size % nproc:
-        lines.append(f"train.batch_size: {s.train.batch_size} samples do not split evenly over {nproc} "
-                     f"processes (valid: a multiple of {nproc})")
+    try:
+        kind = distributed.resolve_device(s.train.device).type
+    except UserError:  # check_spec said so
+        kind = "cpu"
+    lines += distributed.split_problems(s.train, nproc, distributed.backend(kind, nproc), s.objective.diagonal_fraction)
     if lines:
         raise UserError([f"{source}: {line}" for line in lines])
     run = RunFolder(run_dir) if run_dir is not None else None

@@ -176,6 +176,8 @@ def fault_message(graph: TrainingGraph, out, run_dir: Path) -> str:
     k, term = graph.step_count, graph.last_fault
     if term == "gradient":
         what = f"gradient norm is {float(graph.last_grad_norm)} (loss {float(out.loss.detach())})"
+    elif term is not None and term.startswith("rank "):  # another process's loss (flowspec.engine.nonfinite_term)
+        what = f"the loss on {term} is not finite"
     else:
         value = out.logs.get(term, out.loss) if term != "loss" else out.loss
         what = f"loss term '{term}' is {float(value.detach())}"

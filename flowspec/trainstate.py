@@ -12,20 +12,31 @@ from typing import Any
 import numpy as np
 import torch
 
-from flowspec import distributed
+from flowspec import distributed, parallel
 from flowspec.errors import UserError
+
+#: the streams of flowspec.distributed: the whole batch drawn alike by every rank (a checkpoint
+#: without this mark drew per rank, and resumes with its own process count only)
+STREAMS = "global"
 
 
 def collect(graph) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """(tensors, state) of the graph's full training state; None on ranks other than 0 (in a
-    data-parallel run every rank calls this: the generator states are gathered)."""
+    data-parallel run every rank calls this: the local generator states and sharded tensors are
+    gathered, and whether any rank's loss drew random numbers)."""
+    main = graph.dist.is_main  # collectives first, on every rank alike (only rank 0 keeps whole copies)
+    model = parallel.model_state(graph.model, keep=main)
+    optimizer = parallel.optimizer_state(graph.optimizer, graph.model, keep=main)
     ranks = _rank_generators(graph)
+    split_free = graph.split_free
+    if graph.dist.enabled:
+        split_free = not distributed.any_flag(not split_free, graph.device)
     if ranks is None:
         return None
     tensors: dict[str, torch.Tensor] = {}
-    tensors.update({f"model.{k}": v for k, v in graph.model.state_dict().items()})
+    tensors.update({f"model.{k}": v for k, v in model.items()})
     tensors.update({f"ema.{k}": v for k, v in graph.ema.model.state_dict().items()})
-    opt_tensors, opt_meta = _split_optimizer(graph.optimizer.state_dict())
+    opt_tensors, opt_meta = _split_optimizer(optimizer)
     tensors.update(opt_tensors)
     tensors["rng.data"] = graph.data_generator.get_state()
     tensors["rng.train"] = graph.generator.get_state()
@@ -36,7 +47,7 @@ def collect(graph) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     state = {"step": graph.step_count, "ema_updates": graph.ema.updates, "optimizer": opt_meta,
              "scheduler": graph.scheduler.state_dict(), "rng": rng_meta, "counters": dict(graph.counters),
-             "world_size": graph.dist.world_size,
+             "world_size": graph.dist.world_size, "streams": STREAMS, "split_free": split_free,
              "flow_map": {"shape": list(graph.dataset.shape), "scale": graph.model.scale}}
     return tensors, state
 
@@ -44,21 +55,23 @@ def collect(graph) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
 def apply(graph, tensors: dict[str, torch.Tensor], state: dict, source: Path) -> None:
     """Load (tensors, state) into a freshly compiled graph; a one-line UserError (exit 1) when they
     do not fit it (the modules are checked before anything is changed)."""
-    check_module(graph.model, tensors, "model", source)
+    model = check_module(graph.model, tensors, "model", source, parallel.expected_state(graph.model))
     check_module(graph.ema.model, tensors, "ema", source)
     try:
         step, ema_updates = int(state["step"]), int(state["ema_updates"])
         counters = {str(k): int(v) for k, v in state.get("counters", {}).items()}
-        load_module(graph.model, tensors, "model", source)
+        parallel.load_model_state(graph.model, model)
         load_module(graph.ema.model, tensors, "ema", source)
-        graph.optimizer.load_state_dict(_join_optimizer(tensors, state["optimizer"]))
+        parallel.load_optimizer_state(graph.optimizer, graph.model, _join_optimizer(tensors, state["optimizer"]))
         graph.scheduler.load_state_dict(state["scheduler"])
-        _restore_generators(graph, tensors, step)
+        _restore_generators(graph, tensors, state)
         _set_global_rng(tensors, state["rng"])
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError, IndexError) as exc:
         raise UserError(f"{source}: checkpoint does not match the training state "
                         f"({type(exc).__name__}: {exc})".replace("\n", " "), exit_code=1) from None
     graph.step_count, graph.ema.updates, graph.counters = step, ema_updates, counters
+    # sticky over resumes; unknown (a checkpoint from before the shared streams) counts as drawn
+    graph.split_free = bool(state.get("split_free", False))
 
 
 def _split_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -106,42 +119,39 @@ def _set_global_rng(tensors: dict[str, torch.Tensor], meta: dict) -> None:
 
 
 def _rank_generators(graph) -> dict[str, torch.Tensor] | None:
-    """Ranks 1..W-1's generator states as ``rng.{data,train}.rank{r}`` on rank 0 ({} for a single
-    process); None on the other ranks (they write nothing)."""
+    """Every rank's local generator state as ``rng.local.rank{r}`` on rank 0 ({} for a single
+    process, which has none); None on the other ranks (they write nothing)."""
     ctx = graph.dist
     if not ctx.enabled:
         return {}
-    data = distributed.gather_states(graph.data_generator.get_state(), graph.device)
-    train = distributed.gather_states(graph.generator.get_state(), graph.device)
+    local = distributed.gather_states(graph.local_generator.get_state(), graph.device)
     if not ctx.is_main:
         return None
-    out = {}
-    for r in range(1, ctx.world_size):
-        out[f"rng.data.rank{r}"], out[f"rng.train.rank{r}"] = data[r], train[r]
-    return out
+    return {f"rng.local.rank{r}": local[r] for r in range(ctx.world_size)}
 
 
-def _restore_generators(graph, tensors: dict[str, torch.Tensor], step: int) -> None:
-    """This rank's generator states; a rank the checkpoint has none for (the run was resumed with
-    more processes) gets generators seeded from its rank and the step."""
-    rank = graph.dist.rank
-    if rank == 0:
-        graph.data_generator.set_state(tensors["rng.data"])
-        graph.generator.set_state(tensors["rng.train"])
-    elif f"rng.data.rank{rank}" in tensors:
-        graph.data_generator.set_state(tensors[f"rng.data.rank{rank}"])
-        graph.generator.set_state(tensors[f"rng.train.rank{rank}"])
+def _restore_generators(graph, tensors: dict[str, torch.Tensor], state: dict) -> None:
+    """The data and batch streams (the same on every rank; a checkpoint from before the shared
+    streams gives rank 0's), and this rank's local stream: its own state when the checkpoint has
+    one (the same process count), else seeded from its rank and the step."""
+    graph.data_generator.set_state(tensors["rng.data"])
+    graph.generator.set_state(tensors["rng.train"])
+    if graph.local_generator is None:
+        return
+    key = f"rng.local.rank{graph.dist.rank}"
+    if key in tensors and state.get("world_size", 1) == graph.dist.world_size:
+        graph.local_generator.set_state(tensors[key])
     else:
-        data_seed, train_seed = distributed.rank_seeds(graph.spec.train.seed + 7919 * step, rank)
-        graph.data_generator.manual_seed(data_seed)
-        graph.generator.manual_seed(train_seed)
+        graph.local_generator.manual_seed(distributed.local_seed(graph.spec.train.seed + 7919 * int(state["step"]),
+                                                                 graph.dist.rank))
 
 
-
-def check_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source: Path) -> dict:
-    """The ``prefix.*`` tensors as the module's state; mismatches are one-line errors naming parameters."""
+def check_module(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str, source: Path,
+                 expected: dict[str, torch.Tensor] | None = None) -> dict:
+    """The ``prefix.*`` tensors as the module's state (``expected``: its names, shapes and dtypes,
+    by default its state dict's); mismatches are one-line errors naming parameters."""
     state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    expected = module.state_dict()
+    expected = module.state_dict() if expected is None else expected
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     common = set(state) & set(expected)

@@ -158,7 +158,8 @@ CORPUS = [
      "train.batch_size: must be greater than or equal to 1 (got 0)"),
     ("unknown key", ("[train]", "[train]\nlearning_rate = 1"), "train.learning_rate: unknown key (valid: steps, "
      "batch_size, optimizer, lr, schedule, warmup_steps, decay_start, grad_clip, ema, ema_schedule, seed, device, "
-     "checkpoint_every, log_every, keep_checkpoints, precision, compile, nonfinite)"),
+     "checkpoint_every, log_every, keep_checkpoints, precision, compile, nonfinite, "
+     "grad_accum, parallel, ddp_bucket_mb, ddp_comm)"),
     ("unknown dataset", ('kind = "checkerboard"', 'kind = "checkerbord"'),
      "data.kind: unknown name 'checkerbord' (known: checkerboard, cifar10, digits, eight_gaussians, gaussian, gmm, "
      "image_folder, mnist, moons)"),

@@ -297,17 +297,17 @@ def test_restore_refuses_a_checkpoint_of_another_network(reference, tmp_path):
 
 def poison(graph, at_step: int, term: str = "distill") -> None:
     """Make the loss term ``term`` NaN on step ``at_step`` (1-based) of ``graph``."""
-    objective = graph.objective
+    loss_at = graph.objective.loss_at  # what the step calls on its batch (after drawing the times)
 
     def poisoned(*args):
-        out = objective(*args)
+        out = loss_at(*args)
         if graph.step_count + 1 == at_step:
             out.logs[term] = out.logs[term] * float("nan")
             out.loss = out.loss * float("nan")
             out.logs["loss"] = out.loss.detach()
         return out
 
-    graph.objective = poisoned
+    graph.objective.loss_at = poisoned
 
 
 def tiny_graph(tiny_spec, *overrides: str):

@@ -157,15 +157,22 @@ def test_inconsistent_foreign_and_special_files_are_skipped(finished, tiny_spec,
 
 
 def test_resume_with_another_process_count_is_refused(finished, tmp_path):
+    """Where the run's steps drew random numbers during the loss (they depend on the split over
+    processes), or its checkpoint predates the shared streams (tests/test_parallel.py: the resumes
+    that are allowed)."""
     path = finished / "checkpoints" / "step-00000006.safetensors"
-    ckpt = checkpoint.read(path, 1 << 30)
-    ckpt.state["world_size"] = 2
-    head, data, _ = checkpoint.encode(ckpt.tensors, ckpt.state)
-    path.write_bytes(head + bytes(data))
-    with pytest.raises(UserError) as info:
-        resumed_from(finished, load_spec(finished / "spec.toml"))
-    assert info.value.lines == [f"{finished}: trained with 2 processes, resumed with 1: the result would differ; "
-                                "resume with --nproc 2"]
+    original = checkpoint.read(path, 1 << 30)
+    assert original.state["split_free"] is True and original.state["streams"] == "global"
+    for change, why in (({"split_free": False}, "its steps drew random numbers that depend on the split over "
+                                               "processes (a residual's or dropout's)"),
+                        ({"streams": None}, "it was written before streams shared by all processes")):
+        state = {**original.state, "world_size": 2, **change}
+        head, data, _ = checkpoint.encode(original.tensors, state)
+        path.write_bytes(head + bytes(data))
+        with pytest.raises(UserError) as info:
+            resumed_from(finished, load_spec(finished / "spec.toml"))
+        assert info.value.lines == [f"{finished}: trained with 2 processes, resumed with 1: {why}, so the result "
+                                    "would differ; resume with --nproc 2"]
 
 
 # -- teachers -------------------------------------------------------------------------------------

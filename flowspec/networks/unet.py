@@ -223,6 +223,11 @@ class UNet(Network):
         self.conv_out = MPConv(cout, c_img, 3)
         self.out_gain = nn.Parameter(torch.zeros([]))
 
+    def fsdp_units(self) -> list[nn.Module]:
+        """The modules FSDP2 shards one by one (train.parallel = "fsdp"; flowspec.parallel): the
+        blocks. The rest (embeddings, first and last convolutions) is sharded with the network."""
+        return [*self.enc, *self.dec]
+
     def forward(self, x: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """v(x, s, t): x (B, C, H, W), s and t (B,) -> (B, C, H, W)."""
         emb = mp_silu(mp_sum(self.emb_s(self.embed_s(s).to(x.dtype)), self.emb_dt(self.embed_dt(t - s).to(x.dtype))))

@@ -154,8 +154,9 @@ class Objective:
     A new objective subclasses this, sets the class attributes below, and implements
     :meth:`residual` (and optionally :meth:`penalty` and :meth:`off_diagonal_times`); its options are a subclass of
     :class:`ObjectiveOptions` assigned to ``Options`` (pydantic fields: validated and documented in
-    the spec reference like the built-ins'). At training time the objective is called with the flow
-    map, the interpolant, the teacher and a :class:`Batch`; the base class samples (s, t), adds flow
+    the spec reference like the built-ins'). At training time the step draws the whole batch's
+    times with :meth:`sample_times` and calls :meth:`loss_at` on each process's chunk of it
+    (flowspec.engine.split; calling the objective does both on one batch); the base class adds flow
     matching on the diagonal and averages (docs/math.md, "Sampling of (s, t)").
 
     Class attributes a subclass sets:

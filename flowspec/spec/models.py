@@ -65,6 +65,18 @@ class TrainOptions(BaseModel):
         "stop", description="a non-finite loss or gradient: stop the run (the last good checkpoint stays "
         "latest), or skip the step (no update; counted in metrics.jsonl as nonfinite_skipped)"
     )
+    grad_accum: int = Field(
+        1, ge=1, description="micro-batches per step (N): each process computes its B / W samples in N "
+        "passes of B / (W N), gradients accumulated (equal to one pass on the whole batch)")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="with several processes: ddp (DistributedDataParallel over the loss: replicated "
+        "weights, gradients averaged in buckets during the backward) or fsdp (FSDP2 fully_shard per U-Net "
+        "block and the network: weights, gradients and optimizer state sharded over the processes); "
+        "ignored by one process")
+    ddp_bucket_mb: float = Field(25.0, gt=0, description="ddp: gradient bucket size in MiB (DDP's bucket_cap_mb)")
+    ddp_comm: Literal["fp32", "bf16"] = Field(
+        "fp32", description="gradient communication: fp32 (the gradients' own dtype), or bf16 (DDP's "
+        "bf16_compress_hook; with fsdp the reduce-scatter dtype); bf16 needs NCCL")
 
 
 class EvalOptions(BaseModel):
