@@ -17,6 +17,7 @@ import torch
 from flowspec import distributed
 from flowspec.atomic import atomic_npy
 from flowspec.flowmap import FlowMap
+from flowspec.metrics import FeatureMetric
 from flowspec.plots import density_plot
 
 
@@ -58,11 +59,20 @@ def solve_endpoints(velocity, x0: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def score(x: torch.Tensor, metrics: dict, dataset, seed: int) -> dict[str, float]:
+def score(x: torch.Tensor, metrics: dict, dataset, seed: int,
+          features: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Each metric of samples x against the data; a metric's own draws come from a generator seeded
-    ``seed + 1`` (``seed``: eval.seed, which seeds the base samples), the same in every evaluation."""
-    return {name: float(metric(x, dataset, torch.Generator().manual_seed(seed + 1)))
-            for name, metric in metrics.items()}
+    ``seed + 1`` (``seed``: eval.seed, which seeds the base samples), the same in every evaluation.
+    A feature metric whose features of x are given (``features[name]``) is computed from them."""
+    features = features or {}
+    row = {}
+    for name, metric in metrics.items():
+        g = torch.Generator().manual_seed(seed + 1)
+        if name in features:
+            row[name] = float(metric.from_features(features[name], dataset, g))
+        else:
+            row[name] = float(metric(x, dataset, g))
+    return row
 
 
 def _unsolvable(exc: BaseException) -> None:
@@ -78,20 +88,33 @@ def endpoint_error(x: torch.Tensor, truth: torch.Tensor | None, row: dict) -> No
         row["flow_map_error"] = float((x[: truth.shape[0]].double() - truth).pow(2).flatten(1).sum(1).mean())
 
 
-def sample_sharded(graph, x0: torch.Tensor, steps: int) -> torch.Tensor | None:
-    """K-step samples of every x0 (N, ...). In a data-parallel run rank r samples part r of
-    x0.tensor_split(W) and rank 0 gathers them (the others get None); else :func:`sample`."""
+def sample_sharded(graph, x0: torch.Tensor, steps: int) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """(K-step samples of every x0 (N, ...), this process's share of them). In a data-parallel run
+    rank r samples part r of x0.tensor_split(W) and rank 0 gathers them (the others get None);
+    with one process both are all the samples."""
     ctx = graph.dist
     if not ctx.enabled:
-        return sample(graph.sampler(), x0, steps)
+        x = sample(graph.sampler(), x0, steps)
+        return x, x
     mine = sample(graph.sampler(), x0.tensor_split(ctx.world_size)[ctx.rank], steps)
-    return distributed.gather_rows(mine, x0.shape[0], graph.device)
+    return distributed.gather_rows(mine, x0.shape[0], graph.device), mine
+
+
+def sharded_features(graph, mine: torch.Tensor, n: int) -> dict[str, torch.Tensor]:
+    """In a data-parallel run, the features of every feature metric (FID, digits_fd) of all n
+    samples: each rank extracts those of its share ``mine`` and rank 0 gathers them (the others get
+    {}). With one process {}: the metrics extract them themselves."""
+    if not graph.dist.enabled:
+        return {}
+    features = {name: distributed.gather_rows(metric.features(mine), n, graph.device)
+                for name, metric in graph.metrics.items() if isinstance(metric, FeatureMetric)}
+    return {name: f for name, f in features.items() if f is not None}
 
 
 def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
     """Metric by K for the EMA flow map; writes samples/steps-K.{npy,png} when out_dir is given.
-    In a data-parallel run every rank samples its share and rank 0 alone computes the metrics
-    (the other ranks return {}).
+    In a data-parallel run every rank samples its share and extracts its features (FID, digits_fd),
+    and rank 0 computes the metrics from the gathered samples and features (the other ranks return {}).
 
     Returns:
         {str(K): {metric name: value, "flow_map_error" (analytic targets), "nfe": K,
@@ -104,11 +127,12 @@ def evaluate(graph, out_dir: Path | None = None) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for k in o.steps:
         start = time.perf_counter()
-        x = sample_sharded(graph, x0, k)
+        x, mine = sample_sharded(graph, x0, k)
         seconds = time.perf_counter() - start
+        features = sharded_features(graph, mine, x0.shape[0])
         if x is None:
             continue
-        row = score(x, graph.metrics, graph.dataset, o.seed)
+        row = score(x, graph.metrics, graph.dataset, o.seed, features)
         endpoint_error(x, truth, row)
         row["nfe"] = k
         row["seconds"] = seconds

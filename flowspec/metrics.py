@@ -3,6 +3,10 @@
 A metric is called as ``metric(samples, dataset, generator) -> float`` with samples of shape
 (N, *dataset.shape), float32, on the CPU; any fresh data it needs comes from ``generator``. A metric
 that does not apply to a dataset raises :class:`MetricUnavailable` with a one-line reason.
+
+A metric of per-sample features (the Fréchet distances) also offers ``features(samples)`` and
+``from_features(features, dataset, generator)``: a data-parallel evaluation then extracts each
+rank's share of the features on that rank and gathers only them (flowspec.evaluate).
 """
 
 from __future__ import annotations
@@ -36,6 +40,26 @@ class Metric:
     def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
         """The metric of samples (N, *dataset.shape) against the dataset's distribution."""
         raise NotImplementedError
+
+
+class FeatureMetric(Metric):
+    """A metric of per-sample features: ``metric(x) = from_features(features(x))``, where
+    ``features`` treats each sample alone (so it may run on parts of the samples, anywhere)."""
+
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        """(N, *dataset.shape) -> (N, F) float64 features, one row per sample."""
+        raise NotImplementedError
+
+    def from_features(self, features: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
+        """The metric of the samples whose features (N, F) these are."""
+        raise NotImplementedError
+
+    def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
+        self.check(dataset)
+        return self.from_features(self.features(samples), dataset, generator)
+
+    def check(self, dataset: Dataset) -> None:
+        """Raise :class:`MetricUnavailable` when the metric does not apply to ``dataset``."""
 
 
 class HistogramKLOptions(MetricOptions):
@@ -133,7 +157,7 @@ def _reference_images(dataset: Dataset, max_samples: int, generator: torch.Gener
     return dataset.sample(max_samples, generator)
 
 
-class DigitsFrechet(Metric):
+class DigitsFrechet(FeatureMetric):
     """Fréchet distance between the digits classifier's 64-d features of the samples and of all 1797
     scikit-learn digits (flowspec.features): |mu_g - mu_d|^2 + tr(S_g + S_d - 2 (S_d^1/2 S_g S_d^1/2)^1/2).
 
@@ -148,15 +172,21 @@ class DigitsFrechet(Metric):
             raise MetricUnavailable(f"digits_fd needs 8 x 8 digit images of shape (1, 8, 8); "
                                     f"{type(dataset).__name__} has shape {tuple(dataset.shape)}")
 
-    def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
-        self.check(dataset)
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        """The classifier's 64-d features of the samples clipped to [-1, 1]."""
+        from flowspec.features import digits_classifier
+
+        model, _ = digits_classifier()
+        with torch.no_grad():
+            return model.features(samples.float().clamp(-1, 1))
+
+    def from_features(self, features: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
         from flowspec.features import digits_classifier, frechet_distance, statistics
 
         model, _ = digits_classifier()
         with torch.no_grad():
             ref = statistics(model.features(_reference_images(dataset, 100_000, generator)))
-            gen = statistics(model.features(samples.float().clamp(-1, 1)))
-        return frechet_distance(*gen, *ref)
+        return frechet_distance(*statistics(features), *ref)
 
 
 class FIDOptions(MetricOptions):
@@ -167,7 +197,7 @@ class FIDOptions(MetricOptions):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the Inception network runs")
 
 
-class FID(Metric):
+class FID(FeatureMetric):
     """Fréchet Inception distance: the Fréchet distance between Gaussians fitted to the 2048-d pool3
     features of Inception-v3 (flowspec.inception, the standard TF-FID weights) of the samples and of
     the dataset. Images in [-1, 1] are clipped, quantized to 8 bits as a saved PNG would be, resized
@@ -221,16 +251,19 @@ class FID(Metric):
                                     f"has shape {tuple(dataset.shape)}")
         self._network()
 
-    def __call__(self, samples: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        """The 2048-d pool3 features (float64) of the samples, as 8-bit images."""
+        net, device = self._network()
+        return self._features(net, device, samples, "samples")
+
+    def from_features(self, features: torch.Tensor, dataset: Dataset, generator: torch.Generator) -> float:
         from flowspec.features import frechet_distance, statistics
 
-        self.check(dataset)
         net, device = self._network()
         key = ("ref", self.options.weights, id(dataset), self.options.reference_samples)
         if key not in self._cache:
             ref = _reference_images(dataset, self.options.reference_samples, generator)
             self._cache[key] = statistics(self._features(net, device, ref, "data"))
-        if samples.shape[0] < 2:
+        if features.shape[0] < 2:
             raise ValueError("fid needs at least 2 samples")
-        gen = statistics(self._features(net, device, samples, "samples"))
-        return frechet_distance(*gen, *self._cache[key])
+        return frechet_distance(*statistics(features), *self._cache[key])

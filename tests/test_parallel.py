@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from flowspec import checkpoint, engine, parallel
 from flowspec.compile import compile_spec
+from flowspec.metrics import FeatureMetric
 from flowspec.spec import validate
 
 UNET = {"kind": "unet", "channels": 8, "channel_mult": [1, 2], "num_blocks": 1, "attention_resolutions": [4],
@@ -299,3 +300,46 @@ def test_options_that_cannot_run_on_n_processes_are_one_line_before_any_starts(t
         '(valid: "fp32")',
         f'{spec}: train.compile: not with train.parallel = "fsdp" (compiled FSDP2 units are untested here; '
         'valid: false, or parallel = "ddp")']
+
+
+class SquaredNorm(FeatureMetric):
+    """mean |x|^2 of the samples, computed from per-sample features |x_i|^2 (a feature metric)."""
+
+    seen: list[int] = []
+
+    def features(self, samples: torch.Tensor) -> torch.Tensor:
+        self.seen.append(samples.shape[0])
+        return samples.flatten(1).double().pow(2).sum(1, keepdim=True)
+
+    def from_features(self, features, dataset, generator) -> float:
+        return float(features.mean())
+
+
+def _eval_spec() -> dict:
+    return {**spec("lsd"), "eval": {"metrics": [], "num_samples": 11, "steps": [1, 2], "flow_map_error": False,
+                                    "plot": False}}
+
+
+def _eval_worker(rank: int, out: Path) -> None:
+    from flowspec.evaluate import evaluate
+
+    graph = compile_spec(validate(_eval_spec()))
+    graph.metrics = {"sq": SquaredNorm()}
+    results = evaluate(graph)
+    torch.save({"results": results, "seen": SquaredNorm.seen}, out / f"rank{rank}.pt")
+
+
+def test_sharded_evaluation_extracts_each_ranks_features_on_that_rank(tmp_path):
+    """Each of 2 ranks extracts the features of its own share of the samples (6 and 5 of 11); rank 0
+    computes the metric from the gathered features, equal to one process's value."""
+    from flowspec.evaluate import evaluate
+
+    _spawn(_eval_worker, tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    assert [r["seen"] for r in ranks] == [[6, 6], [5, 5]]  # per K: only the rank's share
+    assert ranks[1]["results"] == {}
+    graph = compile_spec(validate(_eval_spec()))
+    graph.metrics = {"sq": SquaredNorm()}
+    single = evaluate(graph)
+    for k in ("1", "2"):
+        assert ranks[0]["results"][k]["sq"] == pytest.approx(single[k]["sq"], rel=1e-12)
