@@ -55,7 +55,8 @@ def step_cost_section(name: str, r: dict) -> list[str]:
     c = r["config"]
     res = r["results"]
     cm = res["C"]["C"]
-    lines = [f"#### Step cost: {c['depth']} x {c['width']} MLP, batch {c['batch']} (`{name}.json`)", ""]
+    compiled = ", `train.compile = true` (the whole loss compiled, jvps included)" if c.get("compile") else ""
+    lines = [f"#### Step cost: {c['depth']} x {c['width']} MLP, batch {c['batch']}{compiled} (`{name}.json`)", ""]
     lines += provenance(r)
     lines += [f"{c['reps']} interleaved rounds of {c['inner']} steps per method (after {c['warmup']} warm-up "
               "steps); ratio = median over rounds of (method / flow matching) in the same round, with the "
@@ -280,6 +281,36 @@ def sampling_section(name: str, r: dict) -> list[str]:
     return lines + [""]
 
 
+def compile_section(rec: dict[str, dict]) -> list[str]:
+    """Each step-cost record with ``--compile`` against the eager one of the same setup: the compiled
+    step over the eager step per method, and the ratios to flow matching side by side."""
+    def setup(r: dict) -> tuple:
+        c = r["config"]
+        return c["batch"], c["width"], c["depth"], tuple(c["methods"])
+
+    step_costs = {n: r for n, r in rec.items() if r.get("benchmark") == "step_cost"}
+    eager = {setup(r): n for n, r in step_costs.items() if not r["config"].get("compile")}
+    lines: list[str] = []
+    for name, r in step_costs.items():
+        twin = eager.get(setup(r)) if r["config"].get("compile") else None
+        if twin is None:
+            continue
+        e, c = step_costs[twin]["results"]["methods"], r["results"]["methods"]
+        lines += [f"#### Compiled against eager: `{name}.json` over `{twin}.json`", "",
+                  "Two processes run one after the other (ms are not interleaved across them; each ratio to "
+                  "FM is). Only the step is compiled whole: a compiled record's loss + backward column and its "
+                  "C call the objective and the jvp outside the compiled loss module.", "",
+                  "| method | eager ms/step | compiled ms/step | compiled / eager "
+                  "| ratio to FM, eager | ratio to FM, compiled |", "|---|---|---|---|---|---|"]
+        for m, v in c.items():
+            if m in e:
+                em, cm = e[m]["step_ms"]["median"], v["step_ms"]["median"]
+                lines.append(f"| {v['label']} | {em:.1f} | {cm:.1f} | {cm / em:.3f} | "
+                             f"{e[m]['ratio']['median']:.3f} | {v['ratio']['median']:.3f} |")
+        lines.append("")
+    return lines
+
+
 def main(argv=None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", default=str(RESULTS))
@@ -319,6 +350,7 @@ def main(argv=None) -> Path:
         for name, r in rec.items():
             if r.get("benchmark") == "step_cost":
                 lines += step_cost_section(name, r)
+        lines += compile_section(rec)
         for name, r in rec.items():
             if r.get("benchmark") == "overhead":
                 lines += overhead_section(name, r)

@@ -10,6 +10,7 @@ C measured here (a jvp's time over a forward's on the same network and batch).
 
     python -m benchmarks.step_cost                       # CPU default: batch 1024
     python -m benchmarks.step_cost --batch 4096 --device cuda --reps 30 --inner 20   # the paper's target
+    python -m benchmarks.step_cost --methods fm,lsd --compile   # train.compile = true (whole loss compiled)
 """
 
 from __future__ import annotations
@@ -90,6 +91,9 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default OMP_NUM_THREADS or 1)")
+    p.add_argument("--compile", action="store_true",
+                   help="train.compile = true for every method (the step's whole loss compiled, jvps included; "
+                        "the loss+bwd column and C stay eager)")
     p.add_argument("--out", default=None)
     a = p.parse_args(argv)
     started = time.perf_counter()
@@ -98,7 +102,8 @@ def main(argv=None) -> dict:
     methods = a.methods.split(",")
     if "fm" not in methods:
         methods = ["fm"] + methods
-    graphs = {m: compile_method(m, a.batch, device, a.width, a.depth) for m in methods}
+    extra = ["train.compile=true"] if a.compile else []
+    graphs = {m: compile_method(m, a.batch, device, a.width, a.depth, extra=extra) for m in methods}
     steps = {m: functools.partial(engine.step, graphs[m]) for m in methods}
     step_times = interleaved(steps, device, a.reps, a.inner, a.warmup)
     lb_times = interleaved({m: loss_backward(graphs[m]) for m in methods}, device, a.reps, a.inner, a.warmup)
@@ -127,7 +132,7 @@ def main(argv=None) -> dict:
                      f"{v['model_ratio_c1.5']:.3f}", f"{v['model_ratio_c_measured']:.3f}",
                      f"{target}" if target else "-"])
     config = {"batch": a.batch, "width": a.width, "depth": a.depth, "reps": a.reps, "inner": a.inner,
-              "warmup": a.warmup, "threads": threads, "methods": methods}
+              "warmup": a.warmup, "threads": threads, "methods": methods, "compile": a.compile}
     out = write_result(a.out or default_out("step_cost", device), "step_cost", device, config, results, started)
     print_table(f"Step cost on {device} ({a.depth} x {a.width} MLP, batch {a.batch}, {threads} thread(s)); "
                 f"measured C = {c_measured:.2f}; written to {out}",

@@ -57,7 +57,9 @@ class FlowMap(nn.Module):
     def v(self, s: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """v_{s,t}(x), shape of x; s, t of shape (B,)."""
         c = self.scale
-        net = self._compiled if self._compiled is not None and not jvp.active() else self.net
+        # inside a compiled loss (flowspec.parallel.LossModule) the network is traced as part of it
+        compiled = self._compiled
+        net = self.net if compiled is None or torch.compiler.is_compiling() or jvp.active() else compiled
         if c == 1.0:
             return net(x, s, t)
         return c * net(x / c, s, t)

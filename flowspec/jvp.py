@@ -32,6 +32,12 @@ evaluates attention written out (:func:`attention`: flash and memory-efficient a
 no forward-AD rule, and the math kernel's rule breaks the backward pass). :func:`active` tells a
 module it is being differentiated, so a compiled network can fall back to its eager form inside
 the jvp (flowspec.flowmap).
+
+Compiled (``train.compile``: the whole loss under ``torch.compile``, flowspec.parallel): inside a
+traced region :func:`jvp` takes the same strategies without the context variable (dynamo cannot
+trace one; :func:`active` then reads a module global), enters the dual level with an explicit
+level, and copies each primal (AOT autograd fails on a dual tensor whose primal is a view). The
+eager path is unchanged, bit for bit.
 """
 
 from __future__ import annotations
@@ -49,10 +55,15 @@ from torch import nn
 Strategy = Literal["exact", "finite_difference"]
 
 _ACTIVE: contextvars.ContextVar[bool] = contextvars.ContextVar("flowspec_jvp_active", default=False)
+#: the same flag while torch.compile traces a jvp: dynamo cannot trace a ContextVar, and a plain
+#: module global is traced (read and restored) within the graph (see :func:`jvp`, "compiled")
+_TRACED_ACTIVE = False
 
 
 def active() -> bool:
     """True while :func:`jvp` evaluates f (for modules that must run eagerly in float32 then)."""
+    if torch.compiler.is_compiling():
+        return _TRACED_ACTIVE
     return _ACTIVE.get()
 
 
@@ -93,6 +104,8 @@ def jvp(
         raise ValueError("jvp needs one tangent per primal")
     # a tangent computed under autocast (a bf16 teacher velocity) takes its primal's dtype
     tangents = tuple(u.to(p.dtype) if u.dtype != p.dtype else u for p, u in zip(primals, tangents))
+    if torch.compiler.is_compiling():  # a whole loss under torch.compile (train.compile)
+        return _traced(f, primals, tangents, strategy, step)
     if strategy == "exact":
         with derivative_mode():
             return _forward_mode(f, primals, tangents)
@@ -102,11 +115,33 @@ def jvp(
     raise ValueError(f"unknown jvp strategy {strategy!r} (valid: exact, finite_difference)")
 
 
+def _traced(f, primals, tangents, strategy, step):
+    """:func:`jvp` as torch.compile traces it, without graph breaks: the same strategies and
+    autocast off, with :func:`active` read from a module global instead of the context variable."""
+    global _TRACED_ACTIVE
+    outer = _TRACED_ACTIVE
+    _TRACED_ACTIVE = True
+    try:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            if strategy == "exact":
+                # a primal that is a view (t[n_diag:]) fails AOT autograd's tracing of dual tensors
+                # (an internal assert on the tangent's layout); a copy traces, and costs nothing fused
+                return _forward_mode(f, tuple(p.clone() for p in primals), tangents)
+            if strategy == "finite_difference":
+                return _central_difference(f, primals, tangents, step)
+        raise ValueError(f"unknown jvp strategy {strategy!r} (valid: exact, finite_difference)")
+    finally:
+        _TRACED_ACTIVE = outer
+
+
 def _forward_mode(f, primals, tangents):
     """(f(p), J_f(p) u) through dual tensors p + e u; a zero tangent where f ignores its inputs."""
-    with fwAD.dual_level():
-        out = f(*(fwAD.make_dual(p, u) for p, u in zip(primals, tangents)))
-        value, tangent = fwAD.unpack_dual(out)
+    with fwAD.dual_level() as level:  # explicit: dynamo may hold a stale copy of the current level
+        duals = []
+        for p, u in zip(primals, tangents):
+            duals.append(fwAD.make_dual(p, u, level=level))
+        out = f(*duals)
+        value, tangent = fwAD.unpack_dual(out, level=level)
     return value, (torch.zeros_like(value) if tangent is None else tangent)
 
 
@@ -115,6 +150,8 @@ def _affine(op: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tens
     """op(x, weight, bias) for an op affine in x, with the tangent op(u, weight, None) for an input
     tangent u: one product. Falls back to op itself where the weight or bias carries a tangent of
     its own (a jvp in the parameters) or x carries none."""
+    if torch.compiler.is_compiling() and not _TRACED_ACTIVE:
+        return op(x, weight, bias, **options)  # no jvp traced: reading the dual level would fix it stale
     primal, u = fwAD.unpack_dual(x)
     if u is None or any(fwAD.unpack_dual(w).tangent is not None for w in (weight, bias) if w is not None):
         return op(x, weight, bias, **options)
@@ -139,9 +176,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     because no fused kernel has a forward-AD rule, and the forward-AD rules of the math kernel and
     of ``torch.softmax`` overwrite a tensor that the backward pass needs (reverse mode through a
     dual-tensor tangent then fails). Networks with attention call this, not SDPA or softmax."""
-    # a compiled network never runs inside a jvp (flowspec.flowmap), and reading the context variable
-    # would break its graph here: dynamo then compiles this function apart, per shape, dynamically
-    if torch.compiler.is_compiling() or not active():
+    # under torch.compile active() reads a module global (no graph break): a compiled loss traces
+    # its jvps with attention written out, and a compiled network's plain passes with SDPA
+    if not active():
         return F.scaled_dot_product_attention(q, k, v)
     logits = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     e = (logits - logits.amax(-1, keepdim=True).detach()).exp()  # softmax's own forward-AD rule

@@ -42,7 +42,9 @@ from flowspec.objectives.base import Batch, LossOutput
 
 class LossModule(nn.Module):
     """The objective's loss as a module: ``forward(batch, s, t, n_diag)`` is
-    ``objective.loss_at(flow_map, interpolant, teacher, batch, s, t, n_diag)``."""
+    ``objective.loss_at(flow_map, interpolant, teacher, batch, s, t, n_diag)``. With
+    ``train.compile`` :func:`wrap` compiles it whole (``nn.Module.compile``), forward-mode jvps
+    included: LSD's and ESD's losses trace to one graph each (tests/test_compile_loss.py)."""
 
     def __init__(self, flow_map: FlowMap, objective, interpolant, teacher):
         super().__init__()
@@ -60,6 +62,8 @@ def wrap(o, flow_map: FlowMap, objective, interpolant, teacher, ctx: Context) ->
     """The loss module a step calls: plain with one process, else DDP around it or (fsdp) the flow
     map sharded in place. Call before building the optimizer (fsdp replaces the parameters)."""
     loss = LossModule(flow_map, objective, interpolant, teacher)
+    if o.compile:  # the whole loss, jvps included, as one graph (flowspec.jvp traces without breaks)
+        loss.compile()
     if not ctx.enabled:
         return loss
     if o.parallel == "fsdp":

@@ -60,7 +60,8 @@ class TrainOptions(BaseModel):
         "float32", description="float32; bf16: autocast to bfloat16 for the forward passes (weights, optimizer "
         "and jvps stay float32); float64: the whole run in double precision (with objective.jvp = "
         "\"finite_difference\", the float64 fallback for networks without forward-AD rules)")
-    compile: bool = Field(False, description="torch.compile the network's plain forward passes (jvps run eagerly)")
+    compile: bool = Field(
+        False, description="torch.compile the whole loss, jvps included, and the network's plain forward passes")
     nonfinite: Literal["stop", "skip"] = Field(
         "stop", description="a non-finite loss or gradient: stop the run (the last good checkpoint stays "
         "latest), or skip the step (no update; counted in metrics.jsonl as nonfinite_skipped)"
