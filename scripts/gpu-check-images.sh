@@ -8,7 +8,8 @@
 #      unless data/cifar-10-batches-bin exists), compile off;
 #   2. the bf16-autocast jvp against a float32 jvp on the spec's U-Net (attention at 16 x 16):
 #      relative max error <= 1e-4 (TF32 off so that float32 is float32);
-#   3. 2-process data-parallel steps: flowspec run --nproc 2 (both ranks on the one GPU, gloo);
+#   3. 2-process data-parallel steps: flowspec run --nproc 2 (both ranks on the one GPU, gloo): DDP,
+#      DDP with train.grad_accum = 2, and FSDP2 (steps_per_sec in the summary, against step 1's run);
 #   4. the LSD spec's first steps with torch.compile on (last: compiling takes the longest).
 # Each check has its own timeout; a failing check is reported and the others still run.
 # DEVICE=cpu SMOKE=1 bash scripts/gpu-check-images.sh: a dry run of this script without a GPU (a small
@@ -135,6 +136,13 @@ check jvp-bf16-vs-fp32 90 env DEVICE="$DEVICE" JVP_BATCH=$JB python "$OUT/jvp_ch
 check ddp-2proc 150 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" --nproc 2 \
   --set train.steps=${STEPS[2]} --set train.batch_size=$B2 --set train.compile=false --set train.checkpoint_every=3 \
   --out "$OUT/run-ddp"
+# issue 16: gradient accumulation under DDP, and FSDP2 (sharded U-Net) on the same two ranks
+check ddp-accum-2proc 150 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" --nproc 2 \
+  --set train.steps=${STEPS[2]} --set train.batch_size=$B2 --set train.compile=false --set train.grad_accum=2 \
+  --out "$OUT/run-ddp-accum"
+check fsdp-2proc 150 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" --nproc 2 \
+  --set train.steps=${STEPS[2]} --set train.batch_size=$B2 --set train.compile=false \
+  --set 'train.parallel="fsdp"' --out "$OUT/run-fsdp"
 # last, as the slowest (inductor compiles the U-Net's forward and backward: a minute or two)
 check lsd-bf16-compile 240 python -m flowspec run specs/cifar10-lsd.toml "${COMMON[@]}" \
   --set train.steps=${STEPS[3]} --set train.batch_size=$B --set train.compile=true --out "$OUT/run-lsd-compile"
@@ -143,7 +151,7 @@ check lsd-bf16-compile 240 python -m flowspec run specs/cifar10-lsd.toml "${COMM
 if [ -f "$OUT/run-ddp/metrics.jsonl" ]; then
   say "ddp metrics.jsonl: $(wc -l < "$OUT/run-ddp/metrics.jsonl") lines; world_size $(python -c "import json; print(json.load(open('$OUT/run-ddp/environment.json')).get('world_size'))")"
 fi
-for run in run-lsd-bf16 run-psdm-bf16 run-ddp run-lsd-compile; do
+for run in run-lsd-bf16 run-psdm-bf16 run-ddp run-ddp-accum run-fsdp run-lsd-compile; do
   if [ -f "$OUT/$run/metrics.jsonl" ]; then
     say "$run: $(grep -v '"eval"' "$OUT/$run/metrics.jsonl" | tail -n 1 | cut -c1-220)"
   fi
