@@ -126,13 +126,19 @@ def _ddp_worker(rank: int, out: Path, names: list[str]) -> None:
     save_file(results, str(out / f"rank{rank}.safetensors"))
 
 
-def _check_ddp(tmp_path: Path, names: list[str]) -> None:
-    _spawn(_ddp_worker, tmp_path, names)
+def _check(tmp_path: Path, worker, names: list[str], single: dict[str, str]) -> None:
+    """Run ``worker`` on 2 ranks; the ranks' states agree exactly, and each run ``name`` (with
+    ``single[name]`` naming its one-process objective) equals one process on the whole batch."""
+    _spawn(worker, tmp_path, names)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
     assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])  # the ranks stay in lockstep
-    for name in [*names, "accum"]:
+    for name, objective in single.items():
         mine = {k[len(name) + 1:]: v for k, v in ranks[0].items() if k.startswith(name + ".")}
-        _close(mine, _single(name if name != "accum" else "lsd"))
+        _close(mine, _single(objective))
+
+
+def _check_ddp(tmp_path: Path, names: list[str]) -> None:
+    _check(tmp_path, _ddp_worker, names, {**{n: n for n in names}, "accum": "lsd"})
     moved = _close(_single("lsd"), _single("lsd", STEPS - 1), atol=float("inf"))
     assert moved > 1e-4  # a step is measurably different: the comparisons can fail
 
@@ -209,12 +215,7 @@ def _fsdp_worker(rank: int, out: Path, names: list[str]) -> None:
 
 
 def _check_fsdp(tmp_path: Path, names: list[str]) -> None:
-    _spawn(_fsdp_worker, tmp_path, names)
-    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
-    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
-    for name in names:
-        mine = {k[len(name) + 1:]: v for k, v in ranks[0].items() if k.startswith(name + ".")}
-        _close(mine, _single(name))
+    _check(tmp_path, _fsdp_worker, names, {n: n for n in names})
 
 
 def test_fsdp2_two_ranks_equal_one_process_through_the_jvp(tmp_path):
