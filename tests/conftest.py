@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,15 @@ import torch
 
 from flowspec.flowmap import FlowMap
 from flowspec.networks.mlp import MLP, MLPOptions
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One thread in this process and in the processes the tests start (unless OMP_NUM_THREADS says
+    otherwise), as the CPU benchmarks run: on a shared 2-core machine more threads are slower, and a
+    run with several threads on a busy machine adds a warning line (flowspec.threads) that the tests
+    comparing stderr line by line would meet."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 TINY = """
 name = "tiny"
