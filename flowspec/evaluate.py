@@ -23,10 +23,8 @@ from flowspec.plots import density_plot
 
 def base_samples(graph, n: int, seed: int) -> torch.Tensor:
     """n base samples x0 from a dedicated generator (the same x0 for every K and every run)."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn((n, *graph.dataset.shape), generator=g)
     dtype = next(graph.model.parameters()).dtype
-    return (z * graph.base.scale.cpu()).to(graph.device, dtype)
+    return graph.base.fixed(n, tuple(graph.dataset.shape), seed, device=graph.device, dtype=dtype)
 
 
 @torch.no_grad()

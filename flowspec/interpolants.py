@@ -100,3 +100,9 @@ class GaussianBase:
         """n samples of shape (n, *shape)."""
         z = torch.randn((n, *shape), generator=generator, device=device, dtype=dtype)
         return z * self.scale.to(device=z.device, dtype=z.dtype)
+
+    def fixed(self, n: int, shape: tuple[int, ...], seed: int, *, device=None, dtype=None) -> torch.Tensor:
+        """n samples from a CPU generator seeded ``seed``, moved to ``device``: the same points on
+        every device and in every run of this shape and scale (the evaluations' base samples)."""
+        z = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+        return (z * self.scale.cpu()).to(device, dtype)

@@ -21,6 +21,7 @@ from flowspec.build import base_scale, build, build_flow_map, dataset_facts, pre
 from flowspec.checkpoint import Checkpoint
 from flowspec.errors import UserError
 from flowspec.flowmap import FlowMap
+from flowspec.interpolants import GaussianBase
 from flowspec.registry import default_registry
 from flowspec.spec import load_spec
 from flowspec.spec.models import SpecView
@@ -47,9 +48,8 @@ class LoadedMap:
 
     def base_samples(self, n: int, seed: int) -> torch.Tensor:
         """n base samples x0 (the same for a seed on every device and in every run of this shape)."""
-        z = torch.randn((n, *self.shape), generator=torch.Generator().manual_seed(seed))
         p = next(self.flow_map.parameters())
-        return (z * self.base_scale.cpu()).to(p.device, p.dtype)
+        return GaussianBase(self.base_scale).fixed(n, self.shape, seed, device=p.device, dtype=p.dtype)
 
 
 def read_records(run_dir: Path) -> list[dict]:
