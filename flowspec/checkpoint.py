@@ -8,6 +8,9 @@ SHA-256 of that state, of the tensor index (names, dtypes, shapes, offsets) and 
 tensor data. The file is written to a temporary name, fsynced and renamed: at any kill moment a
 checkpoint is either absent or whole.
 ``latest`` names the newest one, for people and scripts; reading never trusts it.
+With FSDP the sharded parameters and moments are not gathered into the file: each rank writes its
+shards with torch.distributed.checkpoint into ``step-N.shards-<token>/`` first, and the file records
+the SHA-256 of each of that folder's files (flowspec.shards); the EMA stays whole in the file.
 
 Reading goes newest first; a checkpoint that is damaged (digest mismatch, truncated, not
 safetensors), inconsistent (its step is not its name's) or foreign (another run's) is skipped, with
@@ -29,7 +32,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_bytes
 from safetensors.torch import save as save_bytes
 
-from flowspec import trainstate
+from flowspec import parallel, shards, trainstate
 from flowspec.atomic import atomic_text, atomic_write, read_regular  # noqa: F401 (used by train)
 from flowspec.errors import UserError
 from flowspec.trainstate import check_module, load_module, size_limit  # noqa: F401 (public here)
@@ -94,13 +97,17 @@ def save(graph, run_dir: Path, keep: int = 0) -> Path | None:
     """Write the graph's full training state as ``checkpoints/step-N.safetensors`` (one rename), then
     the ``latest`` hint, then remove all but the newest ``keep`` (0 keeps all). Only rank 0 writes;
     the other ranks of a data-parallel run return None."""
+    ckpt_dir = run_dir / "checkpoints"
+    stem = f"step-{graph.step_count:08d}"
+    sharded = parallel.shards(graph.model, graph.optimizer)
+    manifest = shards.write(sharded, ckpt_dir, stem, graph.dist, graph.device) if sharded else None
     collected = trainstate.collect(graph)
     if collected is None:
         return None
     tensors, state = collected
     state.update(format=FORMAT, run=spec_id(graph.spec), teacher=graph.teacher_pin)
-    ckpt_dir = run_dir / "checkpoints"
-    stem = f"step-{graph.step_count:08d}"
+    if manifest is not None:
+        state["shards"] = manifest
     path = ckpt_dir / f"{stem}.safetensors"
 
     def write(p: Path) -> None:
@@ -110,6 +117,7 @@ def save(graph, run_dir: Path, keep: int = 0) -> Path | None:
             f.write(data)
 
     atomic_write(path, write)
+    shards.remove(ckpt_dir, stem, keep=manifest["folder"] if manifest else None)  # an earlier write's
     atomic_text(ckpt_dir / "latest", stem + "\n")
     if keep:
         prune(ckpt_dir, keep)
@@ -160,7 +168,8 @@ def read(path: Path, limit: int, run: str | None = None) -> Checkpoint:
                              "is not the one in its name")
     if run is not None and state.get("run") != run:
         raise _damaged(path, "belongs to another run (its spec differs from the run's)")
-    return Checkpoint(path, tensors, state, digest)
+    extra = {"shards": shards.verify(path.parent, path.stem, state["shards"])} if "shards" in state else {}
+    return Checkpoint(path, tensors, state, digest, extra)
 
 
 def newest(run_dir: Path, warn: Callable[[str], None] | None, limit: int, run: str | None = None,
@@ -202,7 +211,25 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
             if TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
                 path.unlink(missing_ok=True)
                 removed.append(path)
+    ckpt_dir = run_dir / "checkpoints"
+    for path in shards.orphans(ckpt_dir, {stem: _shards_named(ckpt_dir / f"{stem}.safetensors")
+                                          for stem in stems(ckpt_dir)}):
+        shards.remove(ckpt_dir, path.name.split(".")[0], keep=None)
+        removed.append(path)
     return removed
+
+
+def _shards_named(path: Path) -> str | None:
+    """The shards folder a checkpoint file's header names (unverified: only to tell what a folder
+    left by an interrupted write is; None when there is none, or no readable header)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 2 <= n <= HEADER_LIMIT else {}
+        named = json.loads(header["__metadata__"]["flowspec.state"]).get("shards", {}).get("folder")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return named if isinstance(named, str) else None
 
 
 def stems(ckpt_dir: Path) -> list[str]:
@@ -216,6 +243,7 @@ def stems(ckpt_dir: Path) -> list[str]:
 def _remove(ckpt_dir: Path, stem: str) -> None:
     for suffix in (".json", ".safetensors"):  # .json: the metadata of the earlier two-file format
         (ckpt_dir / f"{stem}{suffix}").unlink(missing_ok=True)
+    shards.remove(ckpt_dir, stem)
 
 
 def prune(ckpt_dir: Path, keep: int) -> None:
@@ -271,7 +299,10 @@ def restore(graph, ckpt: Checkpoint | Path) -> None:
                     else "none" for p in (pinned, current))
         raise Refused(f"teacher.path: the teacher changed since {where.name}: it was {was}, now {now} "
                       "(another checkpoint); restore that teacher checkpoint, or start a new run")
-    trainstate.apply(graph, ckpt.tensors, state, where)
+    tensors = ckpt.tensors
+    if "shards" in ckpt.extra:  # every rank loads its part (DCP reshards to this process count)
+        tensors = {**tensors, **shards.load(ckpt.extra["shards"], parallel.shard_layout(graph.model), where)}
+    trainstate.apply(graph, tensors, state, where)
 
 
 def load_tensors(path: Path, limit: int = UNBOUNDED) -> dict[str, torch.Tensor]:

@@ -149,13 +149,45 @@ def _gathered(items, shape_of, keep: bool) -> dict:
     return out
 
 
-def model_state(flow_map: FlowMap, keep: bool = True) -> dict[str, torch.Tensor]:
+def _sharded_value(value: Any, name: str, own: dict[str, torch.Size]) -> bool:
+    """A DTensor in its parameter's own shape: what :func:`shards` hands to the checkpoint's DCP
+    part (not the 0-dimensional parameters held as (1,), which go whole into its file)."""
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor) and name not in own
+
+
+def model_state(flow_map: FlowMap, keep: bool = True, whole: bool = True) -> dict[str, torch.Tensor]:
     """``state_dict()``, whole and in the network's shapes (when sharded: a collective, on the CPU;
-    empty unless ``keep``)."""
+    empty unless ``keep``; without ``whole``, less what :func:`shards` holds)."""
     state = flow_map.state_dict()
     if not sharded(flow_map):
         return state
-    return _gathered(state.items(), _own(flow_map).get, keep)
+    own = _own(flow_map)
+    return _gathered(((k, v) for k, v in state.items() if whole or not _sharded_value(v, k, own)), own.get, keep)
+
+
+def shards(flow_map: FlowMap, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The sharded state, by checkpoint tensor name, as this rank's DTensors (no communication):
+    ``model.<name>`` of each sharded parameter and ``optim.<i>.<slot>`` of its optimizer moments
+    ({} unless sharded; flowspec.shards writes them with torch.distributed.checkpoint)."""
+    if not sharded(flow_map):
+        return {}
+    own = _own(flow_map)
+    out = {f"model.{k}": v for k, v in flow_map.state_dict().items() if _sharded_value(v, k, own)}
+    for i, (name, p) in enumerate(flow_map.named_parameters()):
+        for slot, value in optimizer.state.get(p, {}).items():
+            if _per_element(slot, value) and _sharded_value(value, name, own):
+                out[f"optim.{i}.{slot}"] = value
+    return out
+
+
+def shard_layout(flow_map: FlowMap) -> dict[str, Any]:
+    """What each name :func:`shards` may hold is loaded like: the parameter (a DTensor when
+    sharded; whole otherwise), for ``model.<name>`` and for its optimizer moments ``optim.<i>.*``."""
+    state = flow_map.state_dict()
+    like = {f"model.{k}": v for k, v in state.items()}
+    return like | {f"optim.{i}": state[name] for i, (name, _) in enumerate(flow_map.named_parameters())}
 
 
 def expected_state(flow_map: FlowMap) -> dict[str, torch.Tensor]:
@@ -169,10 +201,11 @@ def expected_state(flow_map: FlowMap) -> dict[str, torch.Tensor]:
 
 def _local(full: torch.Tensor, like: Any) -> Any:
     """This rank's shard of ``full`` laid out like the DTensor ``like`` (no communication: every rank
-    holds ``full``); ``full`` itself when ``like`` is no DTensor."""
+    holds ``full``); ``full`` itself when ``like`` is no DTensor, or when ``full`` is a DTensor
+    (loaded from the checkpoint's shards in this layout, flowspec.shards)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if not isinstance(like, DTensor):
+    if not isinstance(like, DTensor) or isinstance(full, DTensor):  # a DTensor: laid out like ``like`` already
         return full
     return distribute_tensor(full.reshape(like.shape).to(like.device, like.dtype), like.device_mesh,
                              like.placements, src_data_rank=None)
@@ -194,18 +227,22 @@ def load_model_state(flow_map: FlowMap, state: dict[str, torch.Tensor]) -> None:
                 v.copy_(state[k])
 
 
-def optimizer_state(optimizer: torch.optim.Optimizer, flow_map: FlowMap, keep: bool = True) -> dict:
+def optimizer_state(optimizer: torch.optim.Optimizer, flow_map: FlowMap, keep: bool = True,
+                    whole: bool = True) -> dict:
     """``optimizer.state_dict()`` with whole tensors in the parameters' own shapes (when sharded: a
-    collective, on the CPU, empty unless ``keep``; the optimizer was built on
-    ``flow_map.parameters()``, in order)."""
+    collective, on the CPU, empty unless ``keep``; without ``whole``, less what :func:`shards`
+    holds; the optimizer was built on ``flow_map.parameters()``, in order)."""
     state = optimizer.state_dict()
     if not sharded(flow_map):
         return state
-    shapes = [_own(flow_map).get(n) for n, _ in flow_map.named_parameters()]
-    slots = {i: _gathered(((k, v) for k, v in slot.items() if _per_element(k, v)), lambda _, i=i: shapes[i], keep)
+    own = _own(flow_map)
+    names = [n for n, _ in flow_map.named_parameters()]
+    slots = {i: _gathered(((k, v) for k, v in slot.items() if _per_element(k, v)
+                           and (whole or not _sharded_value(v, names[i], own))), lambda _, i=i: own.get(names[i]), keep)
              for i, slot in state["state"].items()}
     return {"param_groups": state["param_groups"],
-            "state": {i: {**slot, **slots[i]} for i, slot in state["state"].items()}}
+            "state": {i: {**{k: v for k, v in slot.items() if not _per_element(k, v)}, **slots[i]}
+                      for i, slot in state["state"].items()}}
 
 
 def _per_element(key: str, value: Any) -> bool:

@@ -21,12 +21,13 @@ STREAMS = "global"
 
 
 def collect(graph) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """(tensors, state) of the graph's full training state; None on ranks other than 0 (in a
-    data-parallel run every rank calls this: the local generator states and sharded tensors are
-    gathered, and whether any rank's loss drew random numbers)."""
+    """(tensors, state) of the graph's full training state but the FSDP shards of parameters and
+    moments (:func:`flowspec.parallel.shards`, which flowspec.shards writes); None on ranks other
+    than 0 (in a data-parallel run every rank calls this: the local generator states and the
+    0-dimensional sharded parameters are gathered, and whether any rank's loss drew random numbers)."""
     main = graph.dist.is_main  # collectives first, on every rank alike (only rank 0 keeps whole copies)
-    model = parallel.model_state(graph.model, keep=main)
-    optimizer = parallel.optimizer_state(graph.optimizer, graph.model, keep=main)
+    model = parallel.model_state(graph.model, keep=main, whole=False)  # the shards: flowspec.shards
+    optimizer = parallel.optimizer_state(graph.optimizer, graph.model, keep=main, whole=False)
     ranks = _rank_generators(graph)
     split_free = graph.split_free
     if graph.dist.enabled:

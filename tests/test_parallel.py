@@ -5,6 +5,7 @@ over the ranks, FSDP2 through the jvp, and checkpoints resumed with another proc
 
 from __future__ import annotations
 
+import faulthandler
 import gc
 import os
 import socket
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from flowspec import checkpoint, engine, parallel
 from flowspec.compile import compile_spec
+from flowspec.errors import UserError
 from flowspec.metrics import FeatureMetric
 from flowspec.spec import validate
 
@@ -59,10 +61,12 @@ def _spawn(fn, out_dir: Path, *args) -> None:
 def _entry(rank: int, port: int, fn, out_dir: str, *args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
+    faulthandler.enable()  # a crash in a rank prints its Python stack (pytest's covers only its own process)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         fn(rank, Path(out_dir), *args)
+        dist.barrier()  # no rank tears down while another still communicates
     finally:
         gc.collect()  # DDP's reducer and FSDP's state end before the group (else gloo may abort at exit)
         dist.destroy_process_group()
@@ -118,6 +122,8 @@ def _ddp_worker(rank: int, out: Path, names: list[str]) -> None:
         engine.step(graph)
         assert graph.split_free
         results.update({f"{name}.{k}": v for k, v in _state(graph).items()})
+        del graph, wrapped
+        gc.collect()  # this graph's DDP reducer ends here, on both ranks alike
     # two micro-batches per rank under no_sync
     graph = compile_spec(validate(spec("lsd", grad_accum=2)))
     for _ in range(STEPS):
@@ -211,6 +217,8 @@ def _fsdp_worker(rank: int, out: Path, names: list[str]) -> None:
         for _ in range(STEPS):
             engine.step(graph)
         results.update({f"{name}.{k}": v for k, v in _state(graph).items()})
+        del graph
+        gc.collect()  # this graph's FSDP state ends here, on both ranks alike, not during the next one's steps
     save_file(results, str(out / f"rank{rank}.safetensors"))
 
 
@@ -236,7 +244,7 @@ def _resume_worker(rank: int, out: Path) -> None:
         graph = compile_spec(validate(spec("lsd", parallel=mode)))
         for _ in range(2):
             engine.step(graph)
-        checkpoint.save(graph, out / f"two-{mode}")
+            checkpoint.save(graph, out / f"two-{mode}")
     # 1 -> 2: continue one process's checkpoint for two steps, with ddp and with fsdp
     for mode in ("ddp", "fsdp"):
         graph = compile_spec(validate(spec("lsd", parallel=mode)))
@@ -246,6 +254,15 @@ def _resume_worker(rank: int, out: Path) -> None:
         state = _state(graph)  # every rank: all-gathers with fsdp
         if rank == 0:
             save_file(state, str(out / f"one-two-{mode}.safetensors"))
+    # 2 -> 2 from the sharded checkpoint: each rank loads its shards (DCP), continued with fsdp and with ddp
+    for mode in ("fsdp", "ddp"):
+        graph = compile_spec(validate(spec("lsd", parallel=mode)))
+        checkpoint.restore(graph, out / "two-fsdp" / "checkpoints" / "step-00000002.safetensors")
+        for _ in range(2):
+            engine.step(graph)
+        state = _state(graph)
+        if rank == 0:
+            save_file(state, str(out / f"two-two-{mode}.safetensors"))
     # a run whose residual draws random numbers (PSD-U's split points) keeps its process count
     graph = compile_spec(validate(spec("psd-u")))
     with pytest.raises(checkpoint.Refused) as info:
@@ -268,8 +285,18 @@ def test_resume_across_process_counts_is_exact_where_the_math_allows(tmp_path):
     checkpoint.save(psd, tmp_path / "psd-one")
     _spawn(_resume_worker, tmp_path)
     reference = _single("lsd", 4)
+    # the sharded run's checkpoint: its parameters and moments in DCP's files, the EMA whole in the file
+    folder = tmp_path / "two-fsdp" / "checkpoints"
+    shards = sorted(p for p in folder.iterdir() if p.is_dir())
+    assert [p.name.split(".")[0] for p in shards] == ["step-00000001", "step-00000002"]
+    assert sorted(p.name for p in shards[1].iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    names = load_file(str(folder / "step-00000002.safetensors")).keys()
+    gains = {n for n, p in compile_spec(validate(spec("lsd"))).model.named_parameters() if p.dim() == 0}
+    assert {n[len("model."):] for n in names if n.startswith("model.")} == gains  # held as (1,) while sharded
+    assert any(n.startswith("ema.") for n in names)
+    for name in ("one-two-ddp", "one-two-fsdp", "two-two-fsdp", "two-two-ddp"):
+        _close(load_file(str(tmp_path / f"{name}.safetensors")), reference)
     for mode in ("ddp", "fsdp"):
-        _close(load_file(str(tmp_path / f"one-two-{mode}.safetensors")), reference)
         graph = compile_spec(validate(spec("lsd")))
         checkpoint.restore(graph, tmp_path / f"two-{mode}" / "checkpoints" / "step-00000002.safetensors")
         for _ in range(2):
@@ -279,6 +306,28 @@ def test_resume_across_process_counts_is_exact_where_the_math_allows(tmp_path):
     with pytest.raises(checkpoint.Refused, match=r"trained with 2 processes, resumed with 1: its steps drew .* "
                                                  r"resume with --nproc 2$"):
         checkpoint.restore(psd, tmp_path / "psd-two" / "checkpoints" / "step-00000001.safetensors")
+    _sharded_checkpoints_are_verified(tmp_path / "two-fsdp", shards)
+
+
+def _sharded_checkpoints_are_verified(run: Path, shards: list[Path]) -> None:
+    """A damaged shard makes its checkpoint damaged (the previous one is taken, with one warning); a
+    folder that no checkpoint names (a write cut short) is removed; pruning takes the folders too."""
+    warnings: list[str] = []
+    damaged = shards[1] / "__1_0.distcp"
+    data = bytearray(damaged.read_bytes())
+    data[len(data) // 2] ^= 1
+    damaged.write_bytes(bytes(data))
+    assert checkpoint.newest(run, warnings.append, checkpoint.UNBOUNDED).state["step"] == 1
+    assert warnings == [f"warning: {damaged}: checksum mismatch: the checkpoint's shard is truncated or corrupted; "
+                        "skipped for the previous checkpoint"]
+    (shards[1] / ".metadata").unlink()
+    with pytest.raises(UserError, match=r"its files are not the checkpoint's \(\.metadata\)"):
+        checkpoint.read(run / "checkpoints" / "step-00000002.safetensors", checkpoint.UNBOUNDED)
+    (run / "checkpoints" / "step-00000002.safetensors").unlink()  # as if killed between folder and file
+    assert checkpoint.remove_temporaries(run) == [shards[1]]
+    assert shards[0].is_dir() and not shards[1].exists()
+    checkpoint.remove_after(run / "checkpoints", 0)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest"]
 
 
 def test_options_that_cannot_run_on_n_processes_are_one_line_before_any_starts(tmp_path, main):
