@@ -46,6 +46,15 @@ PAPER_SETUP = ["network.width=512", "network.depth=5", 'network.activation="gelu
                'network.scale="data_std"', 'train.optimizer="adam"', "train.lr=1e-3", 'train.schedule="constant"',
                "train.grad_clip=10.0", "train.ema=0.999", 'train.ema_schedule="warmup"']
 
+#: the same checkerboard setup as flowspec trained it before the paper's network was matched (the
+#: "before" of docs/results.md): its old MLP (32 sinusoids of 1000 s and of 1000 (t - s), no
+#: preconditioning, 4 hidden layers, PyTorch's init, erf GELU) and the reference's RAdam at 1e-3
+BEFORE_SETUP = ["network.width=512", "network.depth=4", 'network.activation="gelu"',
+                'network.time_embedding="positional"', 'network.times="s_dt"', 'network.init="torch"',
+                "network.scale=1.0", 'train.optimizer="radam"', "train.lr=1e-3", 'train.schedule="constant"',
+                "train.grad_clip=10.0", "train.ema=0.999", 'train.ema_schedule="warmup"']
+SETUPS = {"paper": PAPER_SETUP, "before": BEFORE_SETUP}
+
 
 def setup_threads(threads: int | None) -> int:
     """Pin torch's intra-op threads (default: OMP_NUM_THREADS, else 1) and return the count."""

@@ -37,8 +37,8 @@ from benchmarks.common import (
     METHOD_LABELS,
     METHOD_OVERRIDES,
     METHOD_SPECS,
-    PAPER_SETUP,
     RESULTS,
+    SETUPS,
     SPECS,
     print_table,
     resolve_device,
@@ -53,8 +53,8 @@ METRICS = ["kl", "energy"]
 
 
 def overrides(method: str, seed: int, steps: int, batch: int, num_samples: int, device: torch.device,
-              dopri_tol: float) -> list[str]:
-    o = PAPER_SETUP + [f"train.steps={steps}", f"train.batch_size={batch}", f"train.seed={seed}",
+              dopri_tol: float, setup: str = "paper") -> list[str]:
+    o = SETUPS[setup] + [f"train.steps={steps}", f"train.batch_size={batch}", f"train.seed={seed}",
                        f'train.device="{device.type}"', "train.checkpoint_every=0", "train.keep_checkpoints=1",
                        f"train.log_every={max(1, min(50, steps))}", f"eval.num_samples={num_samples}",
                        'eval.metrics=["kl", "energy"]', "eval.plot=false", "eval.flow_map_error=false",
@@ -117,7 +117,7 @@ def run_all(jobs: list[tuple[str, int]], a, device: torch.device, run_root: Path
 
 def run_one(method: str, seed: int, a, device: torch.device, run_root: Path, samples: dict | None = None) -> dict:
     """Train and evaluate one (method, seed); its samples go into ``samples`` as "<method>-seed<k>/<row>"."""
-    ov = overrides(method, seed, a.steps, a.batch, a.num_samples, device, a.dopri_tol)
+    ov = overrides(method, seed, a.steps, a.batch, a.num_samples, device, a.dopri_tol, a.setup)
     spec = load_spec(SPECS / METHOD_SPECS[method], overrides=ov)
     graph = compile_spec(spec)
     run_dir = run_root / f"{method}-seed{seed}"
@@ -186,6 +186,8 @@ def main(argv=None) -> dict:
     p.add_argument("--protocol", choices=sorted(PROTOCOLS), default=None,
                    help="a named budget: sets steps, batch, num-samples, seeds, method-seeds and dopri-tol, "
                    "whatever those flags say")
+    p.add_argument("--setup", choices=sorted(SETUPS), default="paper",
+                   help="network and recipe: the paper's (default), or flowspec's before it matched them")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at a time, one thread each")
     p.add_argument("--full", action="store_true",
                    help="the paper's budget: 150k steps, batch 100k, 64k eval samples, 3 seeds (a GPU job)")
@@ -214,7 +216,7 @@ def main(argv=None) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(samples_path, **samples)
     agg = aggregate(runs)
-    config = {"setup": PAPER_SETUP, "methods": methods, "seeds": max(method_seeds.values()),
+    config = {"setup": SETUPS[a.setup], "setup_name": a.setup, "methods": methods, "seeds": max(method_seeds.values()),
               "method_seeds": method_seeds,
               "protocol": a.protocol, "jobs": a.jobs, "steps": a.steps, "batch": a.batch,
               "num_samples": a.num_samples, "dopri_tol": a.dopri_tol, "full": a.full, "threads": threads,

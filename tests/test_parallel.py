@@ -159,6 +159,36 @@ def test_ddp_equals_one_process_for_every_objective(tmp_path):
     _check_ddp(tmp_path, list(OBJECTIVES))
 
 
+def _mlp_spec(**train) -> dict:
+    return {"data": {"kind": "checkerboard"}, "interpolant": {"kind": "linear"},
+            "network": {"kind": "mlp", "width": 32, "depth": 2},
+            "objective": {"characterization": "lagrangian", "diagonal_fraction": 0.5},
+            "train": {"steps": 10, "batch_size": 16, "precision": "float64", "lr": 1e-2, "ema": 0.5,
+                      "device": "cpu", **train},
+            "eval": {"metrics": [], "num_samples": 4, "steps": [1]}}
+
+
+def _compiled_ddp_worker(rank: int, out: Path) -> None:
+    graph = compile_spec(validate(_mlp_spec(compile=True)))
+    assert isinstance(graph.loss_module, torch.nn.parallel.DistributedDataParallel)
+    assert graph.loss_module.module._compiled_call_impl is not None  # DDP around the compiled loss, jvp inside
+    for _ in range(STEPS):
+        engine.step(graph)
+    save_file(_state(graph), str(out / f"rank{rank}.safetensors"))
+
+
+# slow (inductor compiles the LSD loss in each rank, ~25 s): train.compile under DDP
+@pytest.mark.slow
+def test_ddp_around_the_compiled_loss_equals_one_eager_process(tmp_path):
+    _spawn(_compiled_ddp_worker, tmp_path)
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    graph = compile_spec(validate(_mlp_spec()))
+    for _ in range(STEPS):
+        engine.step(graph)
+    _close(ranks[0], _state(graph), atol=1e-12)  # measured 5.6e-17
+
+
 def test_gradient_accumulation_equals_one_pass_on_the_whole_batch():
     for name in ("lsd", "fmm"):
         _close(_single(name, grad_accum=4), _single(name))
