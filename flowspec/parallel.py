@@ -29,6 +29,7 @@ with fsdp it is updated from the all-gathered parameters, one all-gather per ste
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -96,6 +97,11 @@ def shard(flow_map: FlowMap, comm: str = "fp32") -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     _tangents_as_views()
+    # inside a jvp every output is a dual tensor, which reads as a view: FSDP2 then warns at each
+    # pass that an in-place op on it would skip its hook; no flowspec code changes a network's
+    # output in place (the flow map and the objectives build new tensors), so the warning says nothing
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(.*\) returned a view tensor",
+                            category=UserWarning)
     policy = MixedPrecisionPolicy(reduce_dtype=torch.bfloat16 if comm == "bf16" else None)
     own: dict[str, torch.Size] = {}
     for name, p in flow_map.named_parameters():
