@@ -10,7 +10,8 @@ checkpoint is either absent or whole.
 ``latest`` names the newest one, for people and scripts; reading never trusts it.
 With FSDP the sharded parameters and moments are not gathered into the file: each rank writes its
 shards with torch.distributed.checkpoint into ``step-N.shards-<token>/`` first, and the file records
-the SHA-256 of each of that folder's files (flowspec.shards); the EMA stays whole in the file.
+the SHA-256 of each of that folder's files (flowspec.shards), checked when a resume loads them; the
+EMA stays whole in the file, so sampling and teachers read the file alone.
 
 Reading goes newest first; a checkpoint that is damaged (digest mismatch, truncated, not
 safetensors), inconsistent (its step is not its name's) or foreign (another run's) is skipped, with
@@ -168,8 +169,7 @@ def read(path: Path, limit: int, run: str | None = None) -> Checkpoint:
                              "is not the one in its name")
     if run is not None and state.get("run") != run:
         raise _damaged(path, "belongs to another run (its spec differs from the run's)")
-    extra = {"shards": shards.verify(path.parent, path.stem, state["shards"])} if "shards" in state else {}
-    return Checkpoint(path, tensors, state, digest, extra)
+    return Checkpoint(path, tensors, state, digest)
 
 
 def newest(run_dir: Path, warn: Callable[[str], None] | None, limit: int, run: str | None = None,
@@ -300,8 +300,9 @@ def restore(graph, ckpt: Checkpoint | Path) -> None:
         raise Refused(f"teacher.path: the teacher changed since {where.name}: it was {was}, now {now} "
                       "(another checkpoint); restore that teacher checkpoint, or start a new run")
     tensors = ckpt.tensors
-    if "shards" in ckpt.extra:  # every rank loads its part (DCP reshards to this process count)
-        tensors = {**tensors, **shards.load(ckpt.extra["shards"], parallel.shard_layout(graph.model), where)}
+    if "shards" in state:  # verified only here, where they are used; every rank loads its part (DCP reshards)
+        folder = shards.verify(where.parent, where.stem, state["shards"], graph.dist, graph.device)
+        tensors = {**tensors, **shards.load(folder, parallel.shard_layout(graph.model), where)}
     trainstate.apply(graph, tensors, state, where)
 
 

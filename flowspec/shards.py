@@ -10,9 +10,11 @@ which FSDP2 holds as (1,)) stays in ``step-N.safetensors``, whose state names th
 SHA-256 and size of each of its files.
 
 Order: the folder is written and synced first, then the safetensors file is committed by its rename.
-A kill in between leaves a folder that no checkpoint names (:func:`orphans` finds it); a folder
-whose files do not match the digests its checkpoint holds makes that checkpoint damaged (skipped
-for the previous one), and DCP's ``.metadata``, a pickle, is read only after its digest matched.
+A kill in between leaves a folder that no checkpoint names (:func:`orphans` finds it). A resume
+verifies the folder before it loads it (flowspec.checkpoint.restore): files that do not match the
+digests its checkpoint holds make that checkpoint damaged (skipped for the previous one), and DCP's
+``.metadata``, a pickle, is read only after its digest matched. Reading the EMA alone (sampling, a
+teacher) does not touch the folder.
 
 DCP reshards on load: a checkpoint written by W processes loads into W' sharded processes, or into
 one process (or DDP's replicas) as whole tensors, which is what resuming with another process count
@@ -50,10 +52,16 @@ def write(shards: dict[str, Any], ckpt_dir: Path, stem: str, ctx, device: torch.
     if ctx.enabled:
         token = distributed.broadcast_text(token, device)
     folder = ckpt_dir / f"{stem}.shards-{token}"
-    try:
-        if ctx.is_main:
+    made: OSError | None = None
+    if ctx.is_main:
+        try:
             folder.mkdir(parents=True)
-        distributed.barrier()
+        except OSError as exc:
+            made = exc
+    if distributed.any_flag(made is not None, device):  # every rank stops, not only the one that failed
+        why = (made.strerror or str(made)) if made is not None else "rank 0 could not create it"
+        raise UserError(f"{folder}: cannot write: {why}", exit_code=1)
+    try:
         dcp.save(shards, storage_writer=dcp.FileSystemWriter(str(folder), sync_files=True))
         distributed.barrier()  # every rank's files are written and synced
     except OSError as exc:
@@ -68,9 +76,10 @@ def write(shards: dict[str, Any], ckpt_dir: Path, stem: str, ctx, device: torch.
     return {"folder": folder.name, "format": "torch.distributed.checkpoint", "files": files}
 
 
-def verify(ckpt_dir: Path, stem: str, manifest: Any) -> Path:
+def verify(ckpt_dir: Path, stem: str, manifest: Any, ctx, device: torch.device) -> Path:
     """The shards folder of checkpoint ``stem``, every file's size and SHA-256 matched against the
-    manifest its checkpoint holds; a one-line UserError (exit 1) naming what does not match."""
+    manifest its checkpoint holds; a one-line UserError (exit 1) naming what does not match. With
+    several processes each reads its share of the files (file i: rank i mod W) and all agree."""
     try:
         name, files = manifest["folder"], manifest["files"]
         match = FOLDER.match(name)
@@ -88,10 +97,17 @@ def verify(ckpt_dir: Path, stem: str, manifest: Any) -> Path:
         odd = sorted(present ^ set(expected))
         raise UserError(f"{folder}: its files are not the checkpoint's ({', '.join(odd[:3])}"
                         + (" ..." if len(odd) > 3 else "") + ")", exit_code=1)
-    for file, (size, digest) in sorted(expected.items()):
-        path = folder / file
-        if _sha256(path, size) != digest:
-            raise UserError(f"{path}: checksum mismatch: the checkpoint's shard is truncated or corrupted", exit_code=1)
+    found = None
+    for i, (file, (size, digest)) in enumerate(sorted(expected.items())):
+        if i % ctx.world_size == ctx.rank and _sha256(folder / file, size) != digest:
+            found = folder / file
+            break
+    finder = ctx.rank if found is not None else -1
+    if ctx.enabled:
+        finder = int(distributed.max_flag(torch.tensor(float(finder)), device).item())
+    if finder >= 0:
+        where = found if found is not None else f"{folder}: a file (read by rank {finder})"
+        raise UserError(f"{where}: checksum mismatch: the checkpoint's shard is truncated or corrupted", exit_code=1)
     return folder
 
 
