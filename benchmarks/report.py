@@ -186,7 +186,7 @@ def quality_plot(r: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def quality_section(name: str, r: dict, plot: Path, docs: Path, verify: dict | None) -> list[str]:
+def quality_section(name: str, r: dict, plot: Path, docs: Path, verify: dict | None, folder: Path) -> list[str]:
     c = r["config"]
     agg = r["results"]["aggregate"]
     what = ("with flowspec's network and recipe before the paper's (`--setup before`)"
@@ -228,8 +228,9 @@ def quality_section(name: str, r: dict, plot: Path, docs: Path, verify: dict | N
         rows = [f"euler-{k}" if m == "fm" else f"K-{k}" for k in KS]
         label = "FM + Euler" if m == "fm" else METHOD_LABELS[m]
         lines.append(f"| {label} | " + " | ".join(cell(agg, m, row, "energy") for row in rows) + " |")
-    lines += ["", f"![metric against NFE]({plot.relative_to(docs).as_posix()})", "",
-              f"Samples of every run are in `{c['samples']}` beside the JSON (arrays `<method>-seed<k>/<row>`)."]
+    lines += ["", f"![metric against NFE]({plot.relative_to(docs).as_posix()})", ""]
+    if (folder / c["samples"]).is_file():  # kept in the repository for benchmarks.verify, or not
+        lines += [f"Samples of every run are in `{c['samples']}` beside the JSON (arrays `<method>-seed<k>/<row>`)."]
     if verify:
         lines += [f"`python -m benchmarks.verify` recomputed {verify['checked']} KL values from them with numpy "
                   f"alone (its own cell masses and histogram): largest difference {verify['max_abs_diff']:.1e}."]
@@ -396,7 +397,7 @@ def main(argv=None) -> Path:
                 c = r["config"]
                 quality_plot(r, plot, f"{title}: checkerboard, {c['steps']} steps at batch {c['batch']}, "
                              f"{c['seeds']} seeds, {c['num_samples']} samples")
-                lines += quality_section(name, r, plot, docs, rec.get(f"{name}-verify"))
+                lines += quality_section(name, r, plot, docs, rec.get(f"{name}-verify"), results / sub)
         lines += before_after_section(rec)
         for name, r in rec.items():
             if r.get("benchmark") == "ablation":

@@ -59,6 +59,13 @@ def test_benchmarks_and_report(tmp_path):
     assert any(k.startswith("dopri5") for k in rows["fm"])
     assert rec["results"]["aggregate"]["lsd"]["K-1"]["kl"]["n"] == 1
 
+    # the same budget with flowspec's old network and recipe: the report sets the two side by side
+    quality.main(["--seeds", "1", "--steps", "3", "--batch", "32", "--num-samples", "500", "--methods", "lsd",
+                  "--setup", "before", "--out", str(cpu / "quality-before.json"), "--runs-dir", str(tmp_path / "old")])
+    before = read(cpu / "quality-before.json")
+    assert before["config"]["setup_name"] == "before"
+    assert 'network.init="torch"' in before["results"]["runs"][0]["overrides"]
+
     v = verify.main([str(cpu / "quality.json")])
     assert v["checked"] == 5 + 6 and v["max_abs_diff"] < 1e-9
 
@@ -74,6 +81,9 @@ def test_benchmarks_and_report(tmp_path):
         assert heading in text
     assert (tmp_path / "docs" / "results-quality-cpu.png").stat().st_size > 0
     assert "recomputed 11 KL values" in text
+    assert "#### Before and after the paper's network: `quality-before.json` against `quality.json`" in text
+    row = next(line for line in text.splitlines() if line.startswith("| LSD | ") and line.count("|") == 9)
+    assert row.endswith(("| yes |", "| **no** |"))
 
 
 def test_verify_kl_matches_flowspec_metric():
