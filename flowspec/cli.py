@@ -248,7 +248,38 @@ app.command()(sample)
 
 
 def main() -> None:
-    """Entry point: user errors are one line each, with no traceback unless FLOWSPEC_DEBUG=1."""
+    """Entry point: user errors are one line each, with no traceback unless FLOWSPEC_DEBUG=1. A
+    rank of a data-parallel run (WORLD_SIZE > 1) ends through :func:`_end_rank`."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return _main()
+    try:
+        _main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    _end_rank(code)
+
+
+def _end_rank(code: int) -> None:
+    """A rank's end: its files are written, synced and closed by now (the trackers too, with the
+    run's status); leave the process group, flush, and exit without the interpreter's teardown.
+    There the C++ threads of the backends (gloo's, the store's) can be destroyed in any order after
+    their group, which now and then aborted a rank whose run had succeeded ("terminate called
+    without an active exception", SIGABRT, or a SIGSEGV)."""
+    leave = getattr(sys.modules.get("flowspec.distributed"), "leave", None)
+    try:
+        if leave is not None:
+            leave()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        os._exit(code)
+
+
+def _main() -> None:
     debug = os.environ.get("FLOWSPEC_DEBUG", "") not in ("", "0")
     if getattr(signal.getsignal(signal.SIGINT), "__name__", "") == "_interrupted_while_loading":
         signal.signal(signal.SIGINT, signal.default_int_handler)

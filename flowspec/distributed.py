@@ -139,12 +139,15 @@ def init(device_type: str) -> Context:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group(chosen, timeout=datetime.timedelta(minutes=30))
         # leave the group at exit, also after an error or a signal: a process that exits with the
-        # group's threads still running aborts ("terminate called without an active exception")
-        atexit.register(_leave)
+        # group's threads still running aborts ("terminate called without an active exception");
+        # a rank started by `flowspec run` leaves earlier, then skips the teardown (cli._end_rank)
+        atexit.register(leave)
     return current()
 
 
-def _leave() -> None:
+def leave() -> None:
+    """Leave the process group (if joined): the references that keep DDP's reducer and FSDP's
+    state alive are collected first, so that nothing uses the group after it ends."""
     if dist.is_initialized():
         gc.collect()  # DDP's reducer and FSDP's state in reference cycles end before the group they use
         dist.destroy_process_group()

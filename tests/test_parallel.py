@@ -9,6 +9,7 @@ import faulthandler
 import gc
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,11 @@ def _entry(rank: int, port: int, fn, out_dir: str, *args) -> None:
     finally:
         gc.collect()  # DDP's reducer and FSDP's state end before the group (else gloo may abort at exit)
         dist.destroy_process_group()
+    # done, and its files written: exit as a rank of `flowspec run` does (flowspec.cli._end_rank),
+    # without the interpreter's teardown, where the backends' threads now and then crashed a rank
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _state(graph) -> dict[str, torch.Tensor]:
