@@ -47,6 +47,7 @@ def write(shards: dict[str, Any], ckpt_dir: Path, stem: str, ctx, device: torch.
     """DCP-save ``shards`` (every rank calls this, with its own DTensors) into a new folder of
     ``ckpt_dir``; rank 0 returns the manifest the checkpoint file records (None elsewhere)."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
 
     token = secrets.token_hex(4)
     if ctx.enabled:
@@ -58,14 +59,15 @@ def write(shards: dict[str, Any], ckpt_dir: Path, stem: str, ctx, device: torch.
             folder.mkdir(parents=True)
         except OSError as exc:
             made = exc
-    if distributed.any_flag(made is not None, device):  # every rank stops, not only the one that failed
+    if distributed.any_flag(made is not None, device) if ctx.enabled else made is not None:  # every rank stops
         why = (made.strerror or str(made)) if made is not None else "rank 0 could not create it"
         raise UserError(f"{folder}: cannot write: {why}", exit_code=1)
     try:
         dcp.save(shards, storage_writer=dcp.FileSystemWriter(str(folder), sync_files=True))
         distributed.barrier()  # every rank's files are written and synced
-    except OSError as exc:
-        raise UserError(f"{folder}: cannot write: {exc.strerror or exc}", exit_code=1) from None
+    except (OSError, CheckpointException) as exc:  # DCP gathers every rank's failure (a full disk, say)
+        raise UserError(f"{folder}: cannot write: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
+                        exit_code=1) from None
     if not ctx.is_main:
         return None
     _fsync_dir(folder)
