@@ -8,13 +8,14 @@ import math
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from flowspec.errors import UserError
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -42,7 +43,7 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
         tmp = None
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except BaseException as exc:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -85,6 +86,12 @@ def dumps(value: Any, **kw) -> str:
 def read_regular(path: Path, limit: int) -> bytes:
     """The bytes of ``path`` if it is a regular file (not a link, device or pipe) of at most
     ``limit`` bytes; an OSError or a UserError (exit 1) naming the file otherwise."""
+    return b"".join(regular_chunks(path, limit))
+
+
+def regular_chunks(path: Path, limit: int, size: int = 1 << 24) -> Iterator[bytes]:
+    """:func:`read_regular` in pieces of at most ``size`` bytes (a file too large to hold whole: a
+    checkpoint's shards, hashed as they are read); the same checks, before the first piece."""
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
         fd = os.open(path, flags)
@@ -98,13 +105,12 @@ def read_regular(path: Path, limit: int) -> bytes:
             raise UserError(f"{path}: not a regular file; only regular files are read", exit_code=1)
         if info.st_size > limit:
             raise UserError(f"{path}: {info.st_size:,} bytes, more than it can hold ({limit:,})", exit_code=1)
-        chunks, left = [], info.st_size
+        left = info.st_size
         while left > 0:
-            chunk = os.read(fd, min(left, 1 << 24))
+            chunk = os.read(fd, min(left, size))
             if not chunk:
                 break
-            chunks.append(chunk)
+            yield chunk
             left -= len(chunk)
-        return b"".join(chunks)
     finally:
         os.close(fd)

@@ -24,7 +24,7 @@ import hashlib
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,6 @@ class Checkpoint:
     tensors: dict[str, torch.Tensor]
     state: dict[str, Any]
     digest: str
-    extra: dict = field(default_factory=dict)
 
 
 def spec_id(spec) -> str:
@@ -212,10 +211,8 @@ def remove_temporaries(run_dir: Path) -> list[Path]:
                 path.unlink(missing_ok=True)
                 removed.append(path)
     ckpt_dir = run_dir / "checkpoints"
-    for path in shards.orphans(ckpt_dir, {stem: _shards_named(ckpt_dir / f"{stem}.safetensors")
-                                          for stem in stems(ckpt_dir)}):
-        shards.remove(ckpt_dir, path.name.split(".")[0], keep=None)
-        removed.append(path)
+    removed += shards.remove_orphans(ckpt_dir, {stem: _shards_named(ckpt_dir / f"{stem}.safetensors")
+                                                for stem in stems(ckpt_dir)})
     return removed
 
 

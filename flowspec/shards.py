@@ -10,7 +10,7 @@ which FSDP2 holds as (1,)) stays in ``step-N.safetensors``, whose state names th
 SHA-256 and size of each of its files.
 
 Order: the folder is written and synced first, then the safetensors file is committed by its rename.
-A kill in between leaves a folder that no checkpoint names (:func:`orphans` finds it). A resume
+A kill in between leaves a folder that no checkpoint names (:func:`remove_orphans` deletes it). A resume
 verifies the folder before it loads it (flowspec.checkpoint.restore): files that do not match the
 digests its checkpoint holds make that checkpoint damaged (skipped for the previous one), and DCP's
 ``.metadata``, a pickle, is read only after its digest matched. Reading the EMA alone (sampling, a
@@ -24,11 +24,9 @@ needs (flowspec.checkpoint.same_world decides whether the math allows it).
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import secrets
 import shutil
-import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,11 +34,10 @@ from typing import Any
 import torch
 
 from flowspec import distributed
-from flowspec.atomic import _fsync_dir
+from flowspec.atomic import fsync_dir, regular_chunks
 from flowspec.errors import UserError
 
 FOLDER = re.compile(r"^(step-\d{8,})\.shards-[0-9a-f]{8}$")
-CHUNK = 1 << 24
 
 
 def write(shards: dict[str, Any], ckpt_dir: Path, stem: str, ctx, device: torch.device) -> dict | None:
@@ -70,8 +67,8 @@ def write(shards: dict[str, Any], ckpt_dir: Path, stem: str, ctx, device: torch.
                         exit_code=1) from None
     if not ctx.is_main:
         return None
-    _fsync_dir(folder)
-    _fsync_dir(ckpt_dir)
+    fsync_dir(folder)
+    fsync_dir(ckpt_dir)
     files = {}
     for path in sorted(folder.iterdir()):
         files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
@@ -116,9 +113,8 @@ def verify(ckpt_dir: Path, stem: str, manifest: Any, ctx, device: torch.device) 
 def load(folder: Path, like: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
     """The tensors of a verified shards folder, each laid out like its entry of ``like`` (or, for
     ``optim.<i>.<slot>``, like ``optim.<i>``; a DTensor: this rank's shard, resharded from however
-    many ranks wrote it; a tensor: whole). Every
-    rank of a process group calls this; a one-line UserError (exit 1) when the names or shapes do
-    not fit."""
+    many ranks wrote it; a tensor: whole). Every rank of a process group calls this; a one-line
+    UserError (exit 1) when the names or shapes do not fit."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -147,32 +143,27 @@ def remove(ckpt_dir: Path, stem: str, keep: str | None = None) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def orphans(ckpt_dir: Path, named: dict[str, str | None]) -> list[Path]:
-    """Shards folders that no checkpoint names (``named``: each checkpoint stem's folder, None for
-    one without shards): the remains of a write cut short between its folder and its file."""
+def remove_orphans(ckpt_dir: Path, named: dict[str, str | None]) -> list[Path]:
+    """Delete the shards folders that no checkpoint names (``named``: each checkpoint stem's folder,
+    None for one without shards), the remains of a write cut short between its folder and its file;
+    the folders deleted."""
     if not ckpt_dir.is_dir():
         return []
     out = []
-    for path in ckpt_dir.glob("step-*.shards-*"):
+    for path in sorted(ckpt_dir.glob("step-*.shards-*")):
         match = FOLDER.match(path.name)
         if match and path.is_dir() and not path.is_symlink() and named.get(match.group(1)) != path.name:
+            shutil.rmtree(path, ignore_errors=True)
             out.append(path)
-    return sorted(out)
+    return out
 
 
 def _sha256(path: Path, size: int | None = None) -> str:
-    """SHA-256 of a regular file read in chunks ('' when it is no regular file of ``size`` bytes)."""
+    """SHA-256 of a regular file of at most ``size`` bytes, read in pieces ('' when it is none)."""
+    h = hashlib.sha256()
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-    except OSError:
-        return ""
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or (size is not None and info.st_size != size):
-            return ""
-        h = hashlib.sha256()
-        while chunk := os.read(fd, CHUNK):
+        for chunk in regular_chunks(path, path.stat().st_size if size is None else size):
             h.update(chunk)
-        return h.hexdigest()
-    finally:
-        os.close(fd)
+    except (OSError, UserError):
+        return ""
+    return h.hexdigest()

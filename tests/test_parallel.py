@@ -8,8 +8,8 @@ from __future__ import annotations
 import faulthandler
 import gc
 import os
+import shutil
 import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +18,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from flowspec import checkpoint, engine, parallel
+from flowspec import checkpoint, distributed, engine, parallel
+from flowspec.cli import _end_rank
 from flowspec.compile import compile_spec
 from flowspec.errors import UserError
 from flowspec.metrics import FeatureMetric
@@ -68,14 +69,12 @@ def _entry(rank: int, port: int, fn, out_dir: str, *args) -> None:
     try:
         fn(rank, Path(out_dir), *args)
         dist.barrier()  # no rank tears down while another still communicates
-    finally:
-        gc.collect()  # DDP's reducer and FSDP's state end before the group (else gloo may abort at exit)
-        dist.destroy_process_group()
-    # done, and its files written: exit as a rank of `flowspec run` does (flowspec.cli._end_rank),
-    # without the interpreter's teardown, where the backends' threads now and then crashed a rank
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    except BaseException:
+        distributed.leave()
+        raise
+    # done, its files written: leave and exit as a rank of `flowspec run` does, without the
+    # interpreter's teardown, where the backends' threads now and then crashed a rank
+    _end_rank(0)
 
 
 def _state(graph) -> dict[str, torch.Tensor]:
@@ -366,8 +365,12 @@ def _sharded_checkpoints_are_verified(run: Path, shards: list[Path]) -> None:
     with pytest.raises(UserError, match=r"its files are not the checkpoint's \(\.metadata\)"):
         checkpoint.restore(compile_spec(validate(spec("lsd"))), newest)
     (run / "checkpoints" / "step-00000002.safetensors").unlink()  # as if killed between folder and file
-    assert checkpoint.remove_temporaries(run) == [shards[1]]
-    assert shards[0].is_dir() and not shards[1].exists()
+    stray = run / "checkpoints" / "step-00000001.shards-0badc0de"  # an earlier write of a step still named
+    shutil.copytree(shards[0], stray)
+    assert checkpoint.remove_temporaries(run) == [stray, shards[1]]
+    assert shards[0].is_dir() and not shards[1].exists() and not stray.exists()
+    assert checkpoint.newest(run, None, checkpoint.UNBOUNDED, accept=lambda ckpt: checkpoint.restore(
+        compile_spec(validate(spec("lsd"))), ckpt)).state["step"] == 1  # the named folder kept whole
     checkpoint.remove_after(run / "checkpoints", 0)
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest"]
 
