@@ -58,11 +58,13 @@ class ObjectiveOptions(BaseModel):
     jvp: Strategy = Field("exact", description="forward-mode derivative: exact | finite_difference")
     adaptive_weight: float = Field(
         0.0, ge=0.0, description="MeanFlow's adaptive loss weighting, power p: each per-sample term "
-        "|r|^2 becomes sg(1 / (|r|^2 + adaptive_eps)^p) |r|^2 (0: off; MeanFlow uses 1)")
+        "|r|^2 becomes sg(1 / (|r|^2 + adaptive_eps)^p) |r|^2 (0: off; MeanFlow uses 1; diverges on the "
+        "checkerboard MLP's LSD: docs/networks.md)")
     adaptive_eps: float = Field(1e-3, gt=0.0, description="c in the adaptive weight (MeanFlow: 1e-3)")
     learned_weight: bool = Field(
         False, description="learned log-variance weight: each term becomes exp(-w_{s,t}) |r|^2 + w_{s,t}, "
-        "w a small network of (s, t) trained with the map (flowspec.weighting)")
+        "w a small network of (s, t) trained with the map (flowspec.weighting); the reference code uses it for "
+        "the U-Net only, and it diverges on the checkerboard MLP's LSD (docs/networks.md)")
 
 
 @dataclass
